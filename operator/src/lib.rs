@@ -1,0 +1,10 @@
+//! The wgpin operator's decisions, as plain functions of its inputs.
+//!
+//! [`render`] turns `PinnedInterface`s, `PinnedPeer`s and nodes into one `PinnedNodeState` spec
+//! per node, and reports the objects it had to leave out and why. The controller (watches,
+//! server-side apply, status roll-up) calls it; so does the agent in standalone mode, which is
+//! the operator and the agent in one process without a cluster.
+
+pub mod render;
+
+pub use render::{NodeInfo, PortAssignments, Problem, ProblemReason, Rendered, render};
