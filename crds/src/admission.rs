@@ -41,10 +41,16 @@ impl Admission {
 
     /// Checks one object as `kubectl apply` would have the API server check it on create.
     pub fn check(&self, object: &Value) -> Result<(), Vec<FieldError>> {
-        let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let api_version = object
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
         let expected_api_version = format!("{}/{}", crate::API_GROUP, crate::API_VERSION);
-        let Some(schema) = self.schemas.get(kind).filter(|_| api_version == expected_api_version)
+        let Some(schema) = self
+            .schemas
+            .get(kind)
+            .filter(|_| api_version == expected_api_version)
         else {
             let kinds: Vec<&str> = self.kinds().collect();
             return Err(vec![FieldError::new(
@@ -83,14 +89,21 @@ impl Admission {
                 }));
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 }
 
 fn check_metadata(metadata: Option<&Value>, errors: &mut Vec<FieldError>) {
     let name = metadata.and_then(|m| m.get("name")).and_then(Value::as_str);
     match name {
-        None => errors.push(FieldError::new("metadata.name", "Required value: every object needs a name")),
+        None => errors.push(FieldError::new(
+            "metadata.name",
+            "Required value: every object needs a name",
+        )),
         Some(name) => {
             let valid = !name.is_empty()
                 && name.len() <= 253
@@ -98,7 +111,9 @@ fn check_metadata(metadata: Option<&Value>, errors: &mut Vec<FieldError>) {
                     !label.is_empty()
                         && !label.starts_with('-')
                         && !label.ends_with('-')
-                        && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 });
             if !valid {
                 errors.push(FieldError::new(
@@ -117,7 +132,11 @@ fn check_metadata(metadata: Option<&Value>, errors: &mut Vec<FieldError>) {
 }
 
 fn join(path: &str, field: &str) -> String {
-    if path.is_empty() { field.to_string() } else { format!("{path}.{field}") }
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
 }
 
 fn type_name(value: &Value) -> &'static str {
@@ -134,7 +153,13 @@ fn type_name(value: &Value) -> &'static str {
 
 /// Walks `value` along `schema`, collecting what a structural-schema API server would reject.
 fn check_structure(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>) {
-    let at = |p: &str| if p.is_empty() { "<root>".to_string() } else { p.to_string() };
+    let at = |p: &str| {
+        if p.is_empty() {
+            "<root>".to_string()
+        } else {
+            p.to_string()
+        }
+    };
     if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true))
         && schema.get("properties").is_none()
     {
@@ -142,7 +167,13 @@ fn check_structure(schema: &Value, value: &Value, path: &str, errors: &mut Vec<F
     }
     if schema.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
         if !matches!(type_name(value), "integer" | "string") {
-            errors.push(FieldError::new(at(path), format!("Invalid value: must be an integer or a string, not {}", type_name(value))));
+            errors.push(FieldError::new(
+                at(path),
+                format!(
+                    "Invalid value: must be an integer or a string, not {}",
+                    type_name(value)
+                ),
+            ));
         }
         return;
     }
@@ -150,15 +181,28 @@ fn check_structure(schema: &Value, value: &Value, path: &str, errors: &mut Vec<F
         let actual = type_name(value);
         let ok = actual == expected || (expected == "number" && actual == "integer");
         if !ok {
-            errors.push(FieldError::new(at(path), format!("Invalid value: must be of type {expected}, not {actual}")));
+            errors.push(FieldError::new(
+                at(path),
+                format!("Invalid value: must be of type {expected}, not {actual}"),
+            ));
             return;
         }
     }
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
         && !allowed.contains(value)
     {
-        let options: Vec<String> = allowed.iter().filter(|v| !v.is_null()).map(Value::to_string).collect();
-        errors.push(FieldError::new(at(path), format!("Unsupported value: {value}; supported values: {}", options.join(", "))));
+        let options: Vec<String> = allowed
+            .iter()
+            .filter(|v| !v.is_null())
+            .map(Value::to_string)
+            .collect();
+        errors.push(FieldError::new(
+            at(path),
+            format!(
+                "Unsupported value: {value}; supported values: {}",
+                options.join(", ")
+            ),
+        ));
     }
     match value {
         Value::Object(map) => check_object(schema, map, path, errors),
@@ -169,12 +213,18 @@ fn check_structure(schema: &Value, value: &Value, path: &str, errors: &mut Vec<F
             if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
                 && n < min
             {
-                errors.push(FieldError::new(at(path), format!("Invalid value: {n}: should be greater than or equal to {min}")));
+                errors.push(FieldError::new(
+                    at(path),
+                    format!("Invalid value: {n}: should be greater than or equal to {min}"),
+                ));
             }
             if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
                 && n > max
             {
-                errors.push(FieldError::new(at(path), format!("Invalid value: {n}: should be less than or equal to {max}")));
+                errors.push(FieldError::new(
+                    at(path),
+                    format!("Invalid value: {n}: should be less than or equal to {max}"),
+                ));
             }
         }
         _ => {}
@@ -201,17 +251,25 @@ fn check_object(
             continue;
         }
         let field_path = join(path, field);
-        match (properties.and_then(|p| p.get(field)), schema.get("additionalProperties")) {
+        match (
+            properties.and_then(|p| p.get(field)),
+            schema.get("additionalProperties"),
+        ) {
             (Some(field_schema), _) => check_structure(field_schema, value, &field_path, errors),
             (None, Some(additional)) if additional.is_object() => {
                 check_structure(additional, value, &field_path, errors)
             }
             (None, Some(Value::Bool(true))) => {}
             _ => {
-                let known: Vec<&str> = properties.map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
+                let known: Vec<&str> = properties
+                    .map(|p| p.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
                 errors.push(FieldError::new(
                     field_path,
-                    format!("unknown field \"{field}\"; known fields here: {}", known.join(", ")),
+                    format!(
+                        "unknown field \"{field}\"; known fields here: {}",
+                        known.join(", ")
+                    ),
                 ));
             }
         }
@@ -223,19 +281,28 @@ fn check_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<Fie
     if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
         && items.len() as u64 > max
     {
-        errors.push(FieldError::new(at, format!("Too many: {}: must have at most {max} items", items.len())));
+        errors.push(FieldError::new(
+            at,
+            format!("Too many: {}: must have at most {max} items", items.len()),
+        ));
     }
     if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
         && (items.len() as u64) < min
     {
-        errors.push(FieldError::new(at, format!("Too few: {}: must have at least {min} items", items.len())));
+        errors.push(FieldError::new(
+            at,
+            format!("Too few: {}: must have at least {min} items", items.len()),
+        ));
     }
     match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
         Some("set") => {
             let mut seen = BTreeSet::new();
             for (i, item) in items.iter().enumerate() {
                 if !seen.insert(item.to_string()) {
-                    errors.push(FieldError::new(format!("{path}[{i}]"), format!("Duplicate value: {item}")));
+                    errors.push(FieldError::new(
+                        format!("{path}[{i}]"),
+                        format!("Duplicate value: {item}"),
+                    ));
                 }
             }
         }
@@ -247,9 +314,15 @@ fn check_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<Fie
                 .unwrap_or_default();
             let mut seen = BTreeSet::new();
             for (i, item) in items.iter().enumerate() {
-                let key: Vec<String> = keys.iter().map(|k| item.get(*k).map(Value::to_string).unwrap_or_default()).collect();
+                let key: Vec<String> = keys
+                    .iter()
+                    .map(|k| item.get(*k).map(Value::to_string).unwrap_or_default())
+                    .collect();
                 if !seen.insert(key.clone()) {
-                    errors.push(FieldError::new(format!("{path}[{i}]"), format!("Duplicate value: {}", key.join(","))));
+                    errors.push(FieldError::new(
+                        format!("{path}[{i}]"),
+                        format!("Duplicate value: {}", key.join(",")),
+                    ));
                 }
             }
         }
@@ -267,18 +340,30 @@ fn check_string(schema: &Value, s: &str, path: &str, errors: &mut Vec<FieldError
     if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
         && chars > max
     {
-        errors.push(FieldError::new(path, format!("Too long: may not be more than {max} characters")));
+        errors.push(FieldError::new(
+            path,
+            format!("Too long: may not be more than {max} characters"),
+        ));
     }
     if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
         && chars < min
     {
-        errors.push(FieldError::new(path, format!("Invalid value: should be at least {min} characters long")));
+        errors.push(FieldError::new(
+            path,
+            format!("Invalid value: should be at least {min} characters long"),
+        ));
     }
     if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
         match regex::Regex::new(pattern) {
             Ok(re) if re.is_match(s) => {}
-            Ok(_) => errors.push(FieldError::new(path, format!("Invalid value: {s:?}: should match '{pattern}'"))),
-            Err(e) => errors.push(FieldError::new(path, format!("schema pattern {pattern:?} does not compile: {e}"))),
+            Ok(_) => errors.push(FieldError::new(
+                path,
+                format!("Invalid value: {s:?}: should match '{pattern}'"),
+            )),
+            Err(e) => errors.push(FieldError::new(
+                path,
+                format!("schema pattern {pattern:?} does not compile: {e}"),
+            )),
         }
     }
 }
@@ -294,7 +379,12 @@ mod tests {
     }
 
     fn fields(result: Result<(), Vec<FieldError>>) -> Vec<String> {
-        result.err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+        result
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
     }
 
     #[test]
@@ -318,6 +408,13 @@ mod tests {
         }));
         let mut got = fields(admission.check(&bad));
         got.sort();
-        assert_eq!(got, ["spec.allowedIPs", "spec.persistentKeepaliveSeconds", "spec.publicKey"]);
+        assert_eq!(
+            got,
+            [
+                "spec.allowedIPs",
+                "spec.persistentKeepaliveSeconds",
+                "spec.publicKey"
+            ]
+        );
     }
 }

@@ -14,7 +14,11 @@ const HEADER: &str = "# Generated from the Rust types in crds/ by `cargo run -p 
 
 /// Every CRD of the API.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![PinnedInterface::crd(), PinnedPeer::crd(), PinnedNodeState::crd()]
+    vec![
+        PinnedInterface::crd(),
+        PinnedPeer::crd(),
+        PinnedNodeState::crd(),
+    ]
 }
 
 /// File name of a CRD inside [`CHART_CRD_DIR`]: `<plural>.<group>.yaml`.
@@ -37,6 +41,13 @@ pub fn generated_files() -> Result<Vec<(String, String)>, serde_saphyr::Serializ
 
 /// The `openAPIV3Schema` of a CRD's first (only) version as JSON, for [`crate::admission`].
 pub fn schema_of(crd: &CustomResourceDefinition) -> Option<serde_json::Value> {
-    let schema = crd.spec.versions.first()?.schema.as_ref()?.open_api_v3_schema.as_ref()?;
+    let schema = crd
+        .spec
+        .versions
+        .first()?
+        .schema
+        .as_ref()?
+        .open_api_v3_schema
+        .as_ref()?;
     serde_json::to_value(schema).ok()
 }

@@ -43,7 +43,11 @@ pub const MTU_RANGE: (u16, u16) = (1280, 9000);
         name = "Ready",
         type_ = "string"
     ),
-    printcolumn(json_path = ".metadata.creationTimestamp", name = "Age", type_ = "date")
+    printcolumn(
+        json_path = ".metadata.creationTimestamp",
+        name = "Age",
+        type_ = "date"
+    )
 )]
 #[x_kube(validation = Rule::new(
     "!has(self.listenPortEnd) || (self.listenPortEnd >= self.listenPort && self.listenPortEnd - self.listenPort < 10000)"

@@ -119,7 +119,11 @@ mod tests {
             "zero key"
         );
         // Non-canonical: same bytes as a valid key, but the padding bits are not zero.
-        assert!("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dh=".parse::<WireGuardKey>().is_err());
+        assert!(
+            "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dh="
+                .parse::<WireGuardKey>()
+                .is_err()
+        );
     }
 
     /// The schema pattern and the parser accept the same strings.

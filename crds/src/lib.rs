@@ -19,6 +19,10 @@
 //! This crate also re-exports the kube and k8s-openapi items the other crates use, so a version
 //! bump happens in one place.
 
+// kube's `printcolumn(..., type_ = ...)` repeats keys by design, which this lint mistakes for
+// copy-paste.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod admission;
 pub mod conditions;
 pub mod crd;
@@ -32,9 +36,9 @@ pub mod validate;
 pub use interface::{PinMode, PinnedInterface, PinnedInterfaceSpec, PinnedInterfaceStatus};
 pub use key::WireGuardKey;
 pub use node_state::{
-    EnforcementState, InterfaceStatus, PeerEnforcementStatus, PinnedNodeState,
-    PinnedNodeStateSpec, PinnedNodeStateStatus, RenderedInterface, RenderedPeer, ResolvedMode,
-    ViolationSummary, WireGuardBackend,
+    EnforcementState, InterfaceStatus, PeerEnforcementStatus, PinnedNodeState, PinnedNodeStateSpec,
+    PinnedNodeStateStatus, RenderedInterface, RenderedPeer, ResolvedMode, ViolationSummary,
+    WireGuardBackend,
 };
 pub use peer::{Endpoint, PinnedPeer, PinnedPeerSpec, PinnedPeerStatus, SecretKeySelector};
 

@@ -31,7 +31,11 @@ use crate::{
         name = "Ready",
         type_ = "string"
     ),
-    printcolumn(json_path = ".metadata.creationTimestamp", name = "Age", type_ = "date")
+    printcolumn(
+        json_path = ".metadata.creationTimestamp",
+        name = "Age",
+        type_ = "date"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PinnedNodeStateSpec {

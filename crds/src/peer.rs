@@ -41,14 +41,26 @@ pub const DEFAULT_PRESHARED_KEY_KEY: &str = "presharedKey";
     printcolumn(json_path = ".spec.interface", name = "Interface", type_ = "string"),
     printcolumn(json_path = ".status.keyPrefix", name = "Key", type_ = "string"),
     printcolumn(json_path = ".spec.sources", name = "Sources", type_ = "string"),
-    printcolumn(json_path = ".status.nodeCounts.enforced", name = "Enforced", type_ = "integer"),
-    printcolumn(json_path = ".status.violations.count", name = "Violations", type_ = "integer"),
+    printcolumn(
+        json_path = ".status.nodeCounts.enforced",
+        name = "Enforced",
+        type_ = "integer"
+    ),
+    printcolumn(
+        json_path = ".status.violations.count",
+        name = "Violations",
+        type_ = "integer"
+    ),
     printcolumn(
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
         name = "Ready",
         type_ = "string"
     ),
-    printcolumn(json_path = ".metadata.creationTimestamp", name = "Age", type_ = "date")
+    printcolumn(
+        json_path = ".metadata.creationTimestamp",
+        name = "Age",
+        type_ = "date"
+    )
 )]
 #[x_kube(validation = Rule::new("size(self.sources) > 0")
     .message("sources is empty: list the prefixes the peer may connect from (for example 203.0.113.0/24); to allow any source on purpose, write sources: [0.0.0.0/0, ::/0] and allowAnySource: true")

@@ -65,7 +65,9 @@ impl fmt::Display for InvalidObject {
 /// Decodes an object from JSON into its Rust type as strictly as the API server's strict field
 /// validation: a field that does not fit is named, and so is every field the type does not know
 /// (a misspelt `source:` must not silently drop a pin).
-pub fn decode<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, Vec<FieldError>> {
+pub fn decode<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+) -> Result<T, Vec<FieldError>> {
     let mut unknown = Vec::new();
     let mut on_unknown = |path: serde_ignored::Path<'_>| {
         let path = path.to_string();
@@ -141,9 +143,9 @@ impl Errors {
 /// Parses an IP address as the API accepts it: canonical, no zone, not IPv4-mapped IPv6
 /// (`::ffff:192.0.2.1` would alias an IPv4 address and slip past an IPv4 pin).
 pub fn parse_ip(s: &str) -> Result<IpAddr, String> {
-    let ip: IpAddr = s.parse().map_err(|_| {
-        format!("{s} is not an IP address such as 192.0.2.10 or 2001:db8::10")
-    })?;
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| format!("{s} is not an IP address such as 192.0.2.10 or 2001:db8::10"))?;
     reject_mapped(ip)?;
     if ip.to_string() != s {
         return Err(format!("{s} is not in canonical form; write {ip}"));
@@ -155,7 +157,9 @@ fn reject_mapped(ip: IpAddr) -> Result<(), String> {
     match ip {
         IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Err(format!(
             "{ip} is an IPv4-mapped IPv6 address; write the IPv4 form {}",
-            v6.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_default()
+            v6.to_ipv4_mapped()
+                .map(|v4| v4.to_string())
+                .unwrap_or_default()
         )),
         _ => Ok(()),
     }
@@ -174,16 +178,17 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
     let net = parse_cidr(s)?;
     let canonical = net.trunc();
     if canonical.to_string() != s {
-        return Err(format!("{s} is not written as its network prefix; write {canonical}"));
+        return Err(format!(
+            "{s} is not written as its network prefix; write {canonical}"
+        ));
     }
     Ok(canonical)
 }
 
 /// Parses an interface address with prefix length (`198.51.100.1/24`), canonical.
 pub fn parse_interface_address(s: &str) -> Result<IpNet, String> {
-    let net = parse_cidr(s).map_err(|_| {
-        format!("{s} is not an address with prefix length such as 198.51.100.1/24")
-    })?;
+    let net = parse_cidr(s)
+        .map_err(|_| format!("{s} is not an address with prefix length such as 198.51.100.1/24"))?;
     if net.to_string() != s {
         return Err(format!("{s} is not in canonical form; write {net}"));
     }
@@ -201,7 +206,10 @@ fn prefix_list(
     if items.len() as u64 > max {
         errors.add(
             field,
-            format!("has {} entries, at most {max} are allowed; merge them into shorter prefixes", items.len()),
+            format!(
+                "has {} entries, at most {max} are allowed; merge them into shorter prefixes",
+                items.len()
+            ),
         );
     }
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
@@ -225,7 +233,9 @@ fn prefix_list(
 fn object_name(errors: &mut Errors, field: &str, value: &str) {
     let valid_label = |label: &str| {
         !label.is_empty()
-            && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-')
     };
@@ -267,8 +277,20 @@ impl PinnedPeerSpec {
             .map_err(|e| errors.add("spec.publicKey", e.to_string()))
             .ok();
 
-        let allowed_ips = prefix_list(&mut errors, "spec.allowedIPs", &self.allowed_ips, MAX_ALLOWED_IPS, parse_prefix);
-        let sources = prefix_list(&mut errors, "spec.sources", &self.sources, MAX_SOURCES, parse_prefix);
+        let allowed_ips = prefix_list(
+            &mut errors,
+            "spec.allowedIPs",
+            &self.allowed_ips,
+            MAX_ALLOWED_IPS,
+            parse_prefix,
+        );
+        let sources = prefix_list(
+            &mut errors,
+            "spec.sources",
+            &self.sources,
+            MAX_SOURCES,
+            parse_prefix,
+        );
 
         if self.sources.is_empty() {
             errors.add(
@@ -325,7 +347,11 @@ impl PinnedPeerSpec {
             );
         }
         if let Some(secret) = &self.preshared_key_secret_ref {
-            object_name(&mut errors, "spec.presharedKeySecretRef.namespace", &secret.namespace);
+            object_name(
+                &mut errors,
+                "spec.presharedKeySecretRef.namespace",
+                &secret.namespace,
+            );
             object_name(&mut errors, "spec.presharedKeySecretRef.name", &secret.name);
             if secret.key.is_empty() || secret.key.len() > 253 {
                 errors.add(
@@ -358,7 +384,9 @@ impl PinnedInterfaceSpec {
 
         let name_ok = !self.interface_name.is_empty()
             && self.interface_name.len() <= INTERFACE_NAME_MAX_LEN
-            && self.interface_name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && self
+                .interface_name
+                .starts_with(|c: char| c.is_ascii_alphabetic())
             && self
                 .interface_name
                 .bytes()
@@ -379,7 +407,7 @@ impl PinnedInterfaceSpec {
         let end = self.listen_port_end.unwrap_or(self.listen_port);
         if let Some(listen_port_end) = self.listen_port_end {
             let span = u32::from(listen_port_end).checked_sub(u32::from(self.listen_port));
-            if !span.is_some_and(|span| span < MAX_DEDICATED_PORTS) {
+            if span.is_none_or(|span| span >= MAX_DEDICATED_PORTS) {
                 errors.add(
                     "spec.listenPortEnd",
                     "listenPortEnd must be at least listenPort and reserve at most 10000 ports",
@@ -400,7 +428,10 @@ impl PinnedInterfaceSpec {
         {
             errors.add(
                 "spec.mtu",
-                format!("{mtu} is out of range: WireGuard needs {} to {}", MTU_RANGE.0, MTU_RANGE.1),
+                format!(
+                    "{mtu} is out of range: WireGuard needs {} to {}",
+                    MTU_RANGE.0, MTU_RANGE.1
+                ),
             );
         }
 
@@ -418,14 +449,26 @@ mod tests {
 
     #[test]
     fn prefixes_must_be_canonical_network_prefixes() {
-        assert_eq!(parse_prefix("192.0.2.0/24").map(|n| n.to_string()), Ok("192.0.2.0/24".into()));
+        assert_eq!(
+            parse_prefix("192.0.2.0/24").map(|n| n.to_string()),
+            Ok("192.0.2.0/24".into())
+        );
         assert_eq!(
             parse_prefix("192.0.2.7/24"),
             Err("192.0.2.7/24 is not written as its network prefix; write 192.0.2.0/24".into())
         );
-        assert!(parse_prefix("2001:DB8::/32").is_err(), "upper case is not canonical");
-        assert!(parse_prefix("192.0.2.0").is_err(), "a prefix needs a length");
-        assert!(parse_prefix("::ffff:192.0.2.0/120").is_err(), "IPv4-mapped aliases an IPv4 pin");
+        assert!(
+            parse_prefix("2001:DB8::/32").is_err(),
+            "upper case is not canonical"
+        );
+        assert!(
+            parse_prefix("192.0.2.0").is_err(),
+            "a prefix needs a length"
+        );
+        assert!(
+            parse_prefix("::ffff:192.0.2.0/120").is_err(),
+            "IPv4-mapped aliases an IPv4 pin"
+        );
     }
 
     #[test]

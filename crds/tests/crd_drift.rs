@@ -7,7 +7,9 @@ use wgpin_crds::crd;
 
 #[test]
 fn chart_crds_match_the_rust_types() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(crd::CHART_CRD_DIR);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crd::CHART_CRD_DIR);
     let generated = crd::generated_files().expect("CRDs serialize");
     let mut problems = Vec::new();
     for (name, contents) in &generated {
@@ -19,7 +21,11 @@ fn chart_crds_match_the_rust_types() {
     }
     let expected: BTreeSet<&str> = generated.iter().map(|(name, _)| name.as_str()).collect();
     for entry in std::fs::read_dir(&dir).expect("chart CRD directory exists") {
-        let name = entry.expect("directory entry").file_name().to_string_lossy().into_owned();
+        let name = entry
+            .expect("directory entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         if !expected.contains(name.as_str()) {
             problems.push(format!("{name} is not generated from any type; remove it"));
         }
@@ -41,6 +47,13 @@ fn crds_are_cluster_scoped_in_one_group_and_version() {
         let versions: Vec<_> = crd.spec.versions.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(versions, [wgpin_crds::API_VERSION], "{name}");
         let version = &crd.spec.versions[0];
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{name} has a status subresource");
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
+            "{name} has a status subresource"
+        );
     }
 }

@@ -65,20 +65,31 @@ fn rust_verdict(object: &Value) -> Result<(), Vec<FieldError>> {
 }
 
 fn names(field: &str, errors: &[FieldError]) -> bool {
-    errors.iter().any(|e| e.field == field || e.field.starts_with(&format!("{field}.")) || e.field.starts_with(&format!("{field}[")))
+    errors.iter().any(|e| {
+        e.field == field
+            || e.field.starts_with(&format!("{field}."))
+            || e.field.starts_with(&format!("{field}["))
+    })
 }
 
 #[test]
 fn schema_cel_and_rust_agree_on_every_case() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/validation.yaml"))
-        .expect("fixture table readable");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/validation.yaml"
+    ))
+    .expect("fixture table readable");
     let table: Table = serde_saphyr::from_str(&text).expect("fixture table parses");
     let admission = Admission::new();
     let mut failures = Vec::new();
     let (mut accepted, mut rejected) = (0, 0);
 
     for case in &table.cases {
-        let mut spec = table.bases.get(&case.kind).cloned().unwrap_or_else(|| panic!("no base for {}", case.kind));
+        let mut spec = table
+            .bases
+            .get(&case.kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no base for {}", case.kind));
         merge(&mut spec, &case.spec);
         let object = serde_json::json!({
             "apiVersion": "wgpin.io/v1alpha1",
@@ -96,13 +107,23 @@ fn schema_cel_and_rust_agree_on_every_case() {
             for error in errors.iter() {
                 println!("    {side:>10}: {error}");
             }
-            let verdict = if errors.is_empty() { Expect::Accept } else { Expect::Reject };
+            let verdict = if errors.is_empty() {
+                Expect::Accept
+            } else {
+                Expect::Reject
+            };
             if verdict != case.expect {
-                failures.push(format!("{:?} [{side}]: expected {:?}, got {verdict:?}: {errors:?}", case.name, case.expect));
+                failures.push(format!(
+                    "{:?} [{side}]: expected {:?}, got {verdict:?}: {errors:?}",
+                    case.name, case.expect
+                ));
             } else if let Some(field) = &case.field
                 && !names(field, errors)
             {
-                failures.push(format!("{:?} [{side}]: rejected, but not at {field}: {errors:?}", case.name));
+                failures.push(format!(
+                    "{:?} [{side}]: rejected, but not at {field}: {errors:?}",
+                    case.name
+                ));
             }
         }
         match case.expect {
@@ -110,6 +131,14 @@ fn schema_cel_and_rust_agree_on_every_case() {
             Expect::Reject => rejected += 1,
         }
     }
-    assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
-    assert!(accepted >= 5 && rejected >= 30, "the table lost cases: {accepted} accept, {rejected} reject");
+    assert!(
+        failures.is_empty(),
+        "{} disagreements:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        accepted >= 5 && rejected >= 30,
+        "the table lost cases: {accepted} accept, {rejected} reject"
+    );
 }

@@ -83,7 +83,14 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:?}: {}: {}", self.kind, self.name, self.reason.as_str(), self.message)
+        write!(
+            f,
+            "{} {:?}: {}: {}",
+            self.kind,
+            self.name,
+            self.reason.as_str(),
+            self.message
+        )
     }
 }
 
@@ -264,10 +271,13 @@ pub fn render(
             route_owner.insert((interface_name.to_string(), *net), name.clone());
         }
         key_owner.insert(key, name.clone());
-        accepted.entry(interface_name).or_default().push(AcceptedPeer {
-            object: peer,
-            validated,
-        });
+        accepted
+            .entry(interface_name)
+            .or_default()
+            .push(AcceptedPeer {
+                object: peer,
+                validated,
+            });
     }
 
     // 3. Dedicated ports per interface (the same on every node), keeping earlier assignments.
@@ -276,7 +286,10 @@ pub fn render(
         if !needs_dedicated_ports(interface) {
             continue;
         }
-        let peers = accepted.get(interface_name.as_str()).map(Vec::as_slice).unwrap_or_default();
+        let peers = accepted
+            .get(interface_name.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let mut taken = BTreeSet::new();
         for peer in peers {
             let key = (interface_name.clone(), peer.object.name_any());
@@ -327,7 +340,10 @@ pub fn render(
                 message: "spec.nodeSelector matches no node; label the nodes that should run it or change the selector".into(),
             });
         }
-        let peers = accepted.get(interface_name.as_str()).map(Vec::as_slice).unwrap_or_default();
+        let peers = accepted
+            .get(interface_name.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         for node in selected {
             let rendered_peers: Vec<RenderedPeer> = peers
                 .iter()
@@ -338,13 +354,16 @@ pub fn render(
                     rendered_peer(peer, ports.get(&(interface_name.clone(), name)).copied())
                 })
                 .collect();
-            let state = node_states
-                .entry(node.name.clone())
-                .or_insert_with(|| PinnedNodeStateSpec {
-                    node_name: node.name.clone(),
-                    interfaces: Vec::new(),
-                });
-            state.interfaces.push(rendered_interface(interface, rendered_peers));
+            let state =
+                node_states
+                    .entry(node.name.clone())
+                    .or_insert_with(|| PinnedNodeStateSpec {
+                        node_name: node.name.clone(),
+                        interfaces: Vec::new(),
+                    });
+            state
+                .interfaces
+                .push(rendered_interface(interface, rendered_peers));
         }
     }
     for peers in accepted.values() {
@@ -399,8 +418,18 @@ fn rendered_peer(peer: &AcceptedPeer<'_>, dedicated_port: Option<u16>) -> Render
         name: peer.object.name_any(),
         generation: peer.object.metadata.generation,
         public_key: peer.validated.public_key.to_base64(),
-        allowed_ips: peer.validated.allowed_ips.iter().map(ToString::to_string).collect(),
-        sources: peer.validated.sources.iter().map(ToString::to_string).collect(),
+        allowed_ips: peer
+            .validated
+            .allowed_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        sources: peer
+            .validated
+            .sources
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         endpoint: spec.endpoint.clone(),
         persistent_keepalive_seconds: spec.persistent_keepalive_seconds,
         preshared_key_secret_ref: spec.preshared_key_secret_ref.clone(),

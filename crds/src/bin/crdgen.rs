@@ -17,7 +17,10 @@ fn main() -> ExitCode {
         match arg.as_str() {
             "--check" => check = true,
             "-h" | "--help" => {
-                println!("usage: crdgen [--check] [DIR]   (DIR defaults to {})", crd::CHART_CRD_DIR);
+                println!(
+                    "usage: crdgen [--check] [DIR]   (DIR defaults to {})",
+                    crd::CHART_CRD_DIR
+                );
                 return ExitCode::SUCCESS;
             }
             other if other.starts_with('-') => {

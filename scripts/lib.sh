@@ -1,0 +1,73 @@
+# Shared helpers for the scripts in this directory. Source it; do not run it.
+# Every ensure_* function is idempotent: it checks first and installs only what is missing.
+
+set -euo pipefail
+
+WGPIN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Tools the project installs for itself (Python venv, later helm and bpf-linker) live here.
+WGPIN_TOOLS="${WGPIN_TOOLS:-$WGPIN_ROOT/.tools}"
+RUST_TOOLCHAIN="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$WGPIN_ROOT/rust-toolchain.toml")"
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "run this as root (sudo $0): it installs packages and, in later tiers, creates network namespaces"
+}
+
+apt_updated=""
+# ensure_apt PACKAGE... : installs the Debian packages that are not installed yet.
+ensure_apt() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    step "installing Debian packages: ${missing[*]}"
+    if [ -z "$apt_updated" ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# ensure_rust: the toolchain pinned in rust-toolchain.toml, with rustfmt and clippy.
+ensure_rust() {
+    if ! command -v rustup >/dev/null 2>&1; then
+        [ -x "$HOME/.cargo/bin/rustup" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v rustup >/dev/null 2>&1; then
+        # Debian 13 packages rustup; Debian 12 does not.
+        if apt-cache show rustup >/dev/null 2>&1; then
+            ensure_apt rustup
+        else
+            die "rustup is not installed and this Debian has no rustup package: install rustup (https://rustup.rs) and run this again"
+        fi
+    fi
+    if ! rustup toolchain list | grep -q "^$RUST_TOOLCHAIN"; then
+        step "installing Rust $RUST_TOOLCHAIN"
+    fi
+    # Idempotent and quick when everything is there; also adds missing components.
+    rustup toolchain install "$RUST_TOOLCHAIN" --profile minimal -c rustfmt -c clippy >/dev/null 2>&1 ||
+        die "rustup could not install Rust $RUST_TOOLCHAIN with rustfmt and clippy"
+}
+
+# ensure_python_tool PACKAGE==VERSION COMMAND : a PyPI tool in the project's own venv.
+ensure_python_tool() {
+    local spec="$1" command="$2" venv="$WGPIN_TOOLS/venv"
+    if [ ! -x "$venv/bin/python" ]; then
+        ensure_apt python3 python3-venv
+        step "creating $venv"
+        python3 -m venv "$venv"
+    fi
+    if ! "$venv/bin/pip" show "${spec%%==*}" 2>/dev/null | grep -q "^Version: ${spec##*==}$"; then
+        step "installing $spec from PyPI"
+        "$venv/bin/pip" install -q --disable-pip-version-check "$spec"
+    fi
+    [ -x "$venv/bin/$command" ] || die "$spec did not install $command"
+}
+
+# ensure_build_deps: what the Rust build needs from Debian.
+ensure_build_deps() {
+    ensure_apt build-essential pkg-config ca-certificates
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need, idempotently (run as root on Debian).
+# scripts/demo.sh and scripts/test.sh call it; run it alone to prepare a machine.
+#   scripts/setup.sh          what the demo needs
+#   scripts/setup.sh --test   plus what the test tiers need
+source "$(dirname "$0")/lib.sh"
+need_root
+
+ensure_build_deps
+ensure_rust
+if [ "${1:-}" = "--test" ]; then
+    # Offline validation of the generated CRD manifests against Kubernetes' own schemas.
+    ensure_python_tool kubernetes-validate==1.37.0 kubernetes-validate
+fi
