@@ -1,7 +1,10 @@
 //! The wgpin node agent.
 //!
-//! Today it holds standalone mode's first half: reading `PinnedInterface` and `PinnedPeer`
-//! manifests from a directory ([`manifests`]) and rendering this node's `PinnedNodeState` with
-//! the operator's own render function. The fast path and the WireGuard backends come next.
+//! - [`manifests`]: standalone mode's input, `PinnedInterface` and `PinnedPeer` manifests read
+//!   from a directory and checked as the API server would;
+//! - [`fastpath`]: the eBPF allowlists in front of WireGuard's ports.
+//!
+//! The WireGuard backends come next.
 
+pub mod fastpath;
 pub mod manifests;

@@ -1,0 +1,883 @@
+//! The fast path in the kernel: load or adopt the programs and maps pinned under bpffs, attach
+//! to interfaces (XDP, else TC), write the maps in the order [`plan`] gives, verify, and read
+//! counters and violation events.
+//!
+//! Pinned objects (`<root>/maps/*`, `<root>/progs/*`, `<root>/links/{xdp,tc}-<interface>`)
+//! outlive the agent: enforcement stays in place across restarts and `kill -9`, and the next
+//! agent adopts them. When its own program differs from the attached one (an upgrade), it
+//! replaces the program inside the existing link (`bpf_link_update`), atomically, so no packet
+//! sees the hook empty.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, LinkInfo, PinnedLink},
+        loaded_programs,
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
+};
+use ipnet::IpNet;
+use wgpin_common::{
+    AllowEntry, AllowV4, AllowV6, Config, Counters, GlobalCounters, PortEntry, PortKey,
+    ViolationEvent, allow_prefix_len, maps, programs,
+};
+
+use super::{
+    netlink,
+    state::{FastPathState, Op, PinKey, plan},
+};
+
+/// Where wgpin pins its objects unless told otherwise.
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/wgpin";
+/// The bpffs mount point the root must live under.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wgpin-ebpf"));
+
+/// The bpffs paths of every pinned object (one place, as bpfman does).
+#[derive(Clone, Debug)]
+pub struct BpfPaths {
+    root: PathBuf,
+}
+
+impl BpfPaths {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub fn programs(&self) -> PathBuf {
+        self.root.join("progs")
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn link(&self, hook: Hook, interface: &str) -> PathBuf {
+        self.links().join(format!("{hook}-{interface}"))
+    }
+}
+
+impl Default for BpfPaths {
+    fn default() -> Self {
+        Self::new(DEFAULT_BPFFS_ROOT)
+    }
+}
+
+/// The hook a program is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Xdp => "xdp",
+            Self::Tc => "tc",
+        })
+    }
+}
+
+/// Which hook to use on an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HookChoice {
+    /// Native XDP; TC when XDP cannot attach or another program owns the XDP hook.
+    #[default]
+    Auto,
+    /// XDP only (native, then generic).
+    Xdp,
+    /// TC ingress (tcx) only.
+    Tc,
+}
+
+/// The fast path on one interface, and why that hook was chosen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    pub hook: Hook,
+    pub reason: String,
+}
+
+/// Something is wrong with the fast path; the message says what and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    #[error(
+        "{path} is not on a bpffs mount: mount it with `mount -t bpf bpf {BPFFS_MOUNT}` (in Kubernetes, mount the host's {BPFFS_MOUNT} into the agent)"
+    )]
+    NoBpffs { path: PathBuf },
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("{what}: {source}")]
+    Link {
+        what: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("{what}: {source}")]
+    Map {
+        what: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("interface {interface:?}: {message}")]
+    Attach { interface: String, message: String },
+    #[error("{0}")]
+    Netlink(String),
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> FastPathError {
+    let what = what.into();
+    move |source| FastPathError::Map { what, source }
+}
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> FastPathError {
+    let what = what.into();
+    move |source| FastPathError::Program { what, source }
+}
+
+fn link_err(what: impl Into<String>) -> impl FnOnce(LinkError) -> FastPathError {
+    let what = what.into();
+    move |source| FastPathError::Link { what, source }
+}
+
+/// One pinned link held by this agent.
+struct HeldLink {
+    link: FdLink,
+    path: PathBuf,
+}
+
+/// The maps, typed, each holding this agent's file descriptor.
+struct Maps {
+    ports: HashMap<MapData, PortKey, PortEntry>,
+    allow_v4: LpmTrie<MapData, AllowV4, AllowEntry>,
+    allow_v6: LpmTrie<MapData, AllowV6, AllowEntry>,
+    port_counters: PerCpuArray<MapData, Counters>,
+    peer_counters: PerCpuArray<MapData, Counters>,
+    global_counters: PerCpuArray<MapData, GlobalCounters>,
+    config: Array<MapData, Config>,
+    violations: RingBuf<MapData>,
+    /// Kernel map IDs as loaded, by name: what the pins and the attached programs must match.
+    ids: BTreeMap<&'static str, u32>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf, paths: &BpfPaths) -> Result<Self, FastPathError> {
+        let mut ids = BTreeMap::new();
+        for name in maps::ALL {
+            let info = MapInfo::from_pin(paths.map(name))
+                .map_err(map_err(format!("reading the pinned map {name}")))?;
+            ids.insert(name, info.id());
+        }
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or_else(|| map_missing(name));
+        Ok(Self {
+            ports: HashMap::try_from(take(maps::PORTS)?).map_err(map_err(maps::PORTS))?,
+            allow_v4: LpmTrie::try_from(take(maps::ALLOW_V4)?).map_err(map_err(maps::ALLOW_V4))?,
+            allow_v6: LpmTrie::try_from(take(maps::ALLOW_V6)?).map_err(map_err(maps::ALLOW_V6))?,
+            port_counters: PerCpuArray::try_from(take(maps::PORT_COUNTERS)?)
+                .map_err(map_err(maps::PORT_COUNTERS))?,
+            peer_counters: PerCpuArray::try_from(take(maps::PEER_COUNTERS)?)
+                .map_err(map_err(maps::PEER_COUNTERS))?,
+            global_counters: PerCpuArray::try_from(take(maps::GLOBAL_COUNTERS)?)
+                .map_err(map_err(maps::GLOBAL_COUNTERS))?,
+            config: Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
+            violations: RingBuf::try_from(take(maps::VIOLATIONS)?)
+                .map_err(map_err(maps::VIOLATIONS))?,
+            ids,
+        })
+    }
+}
+
+/// The loaded (or adopted) fast path.
+pub struct FastPath {
+    paths: BpfPaths,
+    ebpf: Ebpf,
+    links: BTreeMap<(Hook, String), HeldLink>,
+    maps: Maps,
+}
+
+/// A violation event, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub source: IpAddr,
+    pub source_port: u16,
+    pub port: u16,
+    pub port_slot: u32,
+    pub peer_slot: u32,
+    /// Violations from the same source folded into this event by the rate limit.
+    pub suppressed: u64,
+    pub packet_len: u32,
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub time_ns: u64,
+}
+
+impl From<ViolationEvent> for Violation {
+    fn from(event: ViolationEvent) -> Self {
+        let source = if event.family == wgpin_common::FAMILY_V4 {
+            IpAddr::from([
+                event.src_addr[0],
+                event.src_addr[1],
+                event.src_addr[2],
+                event.src_addr[3],
+            ])
+        } else {
+            IpAddr::from(event.src_addr)
+        };
+        Self {
+            source,
+            source_port: u16::from_be_bytes(event.src_port_be),
+            port: u16::from_be_bytes(event.dst_port_be),
+            port_slot: event.port_slot,
+            peer_slot: event.peer_slot,
+            suppressed: event.suppressed,
+            packet_len: event.packet_len,
+            time_ns: event.time_ns,
+        }
+    }
+}
+
+/// The outcome of [`FastPath::verify`]: empty when everything holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verification {
+    pub problems: Vec<String>,
+}
+
+impl Verification {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+fn ensure_dir(path: &Path) -> Result<(), FastPathError> {
+    std::fs::create_dir_all(path).map_err(|source| FastPathError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Whether `path` lies on a bpffs mount.
+// The magic's type differs between architectures (i64 on x86_64, u32 elsewhere).
+#[allow(clippy::unnecessary_cast)]
+pub fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+impl FastPath {
+    /// Loads the programs, reusing every map already pinned under `paths` (with its contents)
+    /// and adopting every pinned link. Links whose program differs from this agent's are
+    /// upgraded in place.
+    pub fn open(paths: BpfPaths) -> Result<Self, FastPathError> {
+        let parent = paths.root().parent().unwrap_or(Path::new(BPFFS_MOUNT));
+        if !is_bpffs(parent) {
+            return Err(FastPathError::NoBpffs {
+                path: parent.to_path_buf(),
+            });
+        }
+        for dir in [
+            paths.root().to_path_buf(),
+            paths.maps(),
+            paths.programs(),
+            paths.links(),
+        ] {
+            ensure_dir(&dir)?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(paths.maps())
+            .load(OBJECT)
+            .map_err(|e| FastPathError::Load(Box::new(e)))?;
+
+        let xdp: &mut Xdp = program(&mut ebpf, programs::XDP)?;
+        xdp.load()
+            .map_err(prog_err("loading the XDP program (verifier)"))?;
+        let tc: &mut SchedClassifier = program(&mut ebpf, programs::TC)?;
+        tc.load()
+            .map_err(prog_err("loading the TC program (verifier)"))?;
+        for name in [programs::XDP, programs::TC] {
+            let path = paths.programs().join(name);
+            // The previous agent's pin, if any; its program lives on while links use it.
+            let _ = std::fs::remove_file(&path);
+            let program = ebpf.program_mut(name).ok_or_else(|| map_missing(name))?;
+            program.pin(&path).map_err(|e| FastPathError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+
+        let maps = Maps::take(&mut ebpf, &paths)?;
+        let mut fast_path = Self {
+            paths,
+            ebpf,
+            links: BTreeMap::new(),
+            maps,
+        };
+        fast_path.adopt_links()?;
+        Ok(fast_path)
+    }
+
+    pub fn paths(&self) -> &BpfPaths {
+        &self.paths
+    }
+
+    /// Takes over the links pinned by an earlier agent, upgrading their program if it differs.
+    fn adopt_links(&mut self) -> Result<(), FastPathError> {
+        let entries =
+            std::fs::read_dir(self.paths.links()).map_err(|source| FastPathError::Io {
+                path: self.paths.links(),
+                source,
+            })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let (hook, interface) = match name.split_once('-') {
+                Some(("xdp", interface)) => (Hook::Xdp, interface.to_string()),
+                Some(("tc", interface)) => (Hook::Tc, interface.to_string()),
+                _ => continue,
+            };
+            let pinned = PinnedLink::from_pin(&path)
+                .map_err(link_err(format!("adopting {}", path.display())))?;
+            let link = FdLink::from(pinned);
+            let link = self.upgrade(hook, &interface, link)?;
+            self.links
+                .insert((hook, interface), HeldLink { link, path });
+        }
+        Ok(())
+    }
+
+    /// Replaces the program inside `link` with this agent's when they differ (an upgrade).
+    fn upgrade(
+        &mut self,
+        hook: Hook,
+        interface: &str,
+        link: FdLink,
+    ) -> Result<FdLink, FastPathError> {
+        let name = match hook {
+            Hook::Xdp => programs::XDP,
+            Hook::Tc => programs::TC,
+        };
+        let ours = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| map_missing(name))?
+            .info()
+            .map_err(prog_err("reading this agent's program"))?;
+        let attached_id = link
+            .info()
+            .map_err(link_err("reading an adopted link"))?
+            .program_id();
+        let attached_tag = loaded_programs()
+            .flatten()
+            .find(|p| p.id() == attached_id)
+            .map(|p| p.tag());
+        if attached_tag == Some(ours.tag()) {
+            return Ok(link);
+        }
+        let what = format!("upgrading the {hook} program on {interface}");
+        match hook {
+            Hook::Xdp => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, programs::XDP)?;
+                let old = XdpLink::try_from(link).map_err(link_err(what.clone()))?;
+                let id = xdp.attach_to_link(old).map_err(prog_err(what.clone()))?;
+                let new = xdp.take_link(id).map_err(prog_err(what.clone()))?;
+                FdLink::try_from(new).map_err(link_err(what))
+            }
+            Hook::Tc => {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC)?;
+                let old = SchedClassifierLink::try_from(link).map_err(link_err(what.clone()))?;
+                let id = tc.attach_to_link(old).map_err(prog_err(what.clone()))?;
+                let new = tc.take_link(id).map_err(prog_err(what.clone()))?;
+                FdLink::try_from(new).map_err(link_err(what))
+            }
+        }
+    }
+
+    /// The interfaces the fast path is attached to.
+    pub fn attachments(&self) -> Vec<(Hook, String)> {
+        self.links.keys().cloned().collect()
+    }
+
+    /// Attaches to `interface` (the current network namespace's), or keeps an adopted link.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        choice: HookChoice,
+    ) -> Result<Attachment, FastPathError> {
+        for hook in [Hook::Xdp, Hook::Tc] {
+            if self.links.contains_key(&(hook, interface.to_string())) {
+                return Ok(Attachment {
+                    interface: interface.to_string(),
+                    hook,
+                    reason: "kept the pinned link".into(),
+                });
+            }
+        }
+        let (hook, reason, link) = match choice {
+            HookChoice::Tc => {
+                let link = self.attach_tc(interface)?;
+                (Hook::Tc, "TC was asked for".to_string(), link)
+            }
+            HookChoice::Xdp => match self.attach_xdp(interface, XdpMode::Driver) {
+                Ok(link) => (Hook::Xdp, "native XDP".to_string(), link),
+                Err(native) => {
+                    let link = self.attach_xdp(interface, XdpMode::Skb)?;
+                    (
+                        Hook::Xdp,
+                        format!("generic XDP (native failed: {native})"),
+                        link,
+                    )
+                }
+            },
+            HookChoice::Auto => {
+                let owner = netlink::xdp_program_id(interface).map_err(FastPathError::Netlink)?;
+                match owner {
+                    Some(id) => {
+                        let link = self.attach_tc(interface)?;
+                        (
+                            Hook::Tc,
+                            format!("another XDP program (id {id}) owns the XDP hook; using TC"),
+                            link,
+                        )
+                    }
+                    None => match self.attach_xdp(interface, XdpMode::Driver) {
+                        Ok(link) => (Hook::Xdp, "native XDP".to_string(), link),
+                        Err(native) => {
+                            let link = self.attach_tc(interface)?;
+                            (
+                                Hook::Tc,
+                                format!("native XDP cannot attach ({native}); using TC"),
+                                link,
+                            )
+                        }
+                    },
+                }
+            }
+        };
+        let path = self.paths.link(hook, interface);
+        let _ = std::fs::remove_file(&path);
+        let pinned = link.pin(&path).map_err(|e| FastPathError::Attach {
+            interface: interface.to_string(),
+            message: format!("cannot pin the link at {}: {e}", path.display()),
+        })?;
+        self.links.insert(
+            (hook, interface.to_string()),
+            HeldLink {
+                link: FdLink::from(pinned),
+                path,
+            },
+        );
+        tracing::info!(interface, %hook, %reason, "fast path attached");
+        Ok(Attachment {
+            interface: interface.to_string(),
+            hook,
+            reason,
+        })
+    }
+
+    fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<FdLink, FastPathError> {
+        let xdp: &mut Xdp = program(&mut self.ebpf, programs::XDP)?;
+        let what = format!("attaching XDP to {interface}");
+        let id = xdp
+            .attach(interface, mode)
+            .map_err(prog_err(what.clone()))?;
+        let link = xdp.take_link(id).map_err(prog_err(what.clone()))?;
+        FdLink::try_from(link).map_err(|_| FastPathError::Attach {
+            interface: interface.to_string(),
+            message: "the kernel attached XDP without a bpf_link (kernel older than 5.9?); wgpin needs links to pin".into(),
+        })
+    }
+
+    fn attach_tc(&mut self, interface: &str) -> Result<FdLink, FastPathError> {
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC)?;
+        let what = format!("attaching TC ingress to {interface}");
+        let id = tc
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(prog_err(what.clone()))?;
+        let link = tc.take_link(id).map_err(prog_err(what.clone()))?;
+        FdLink::try_from(link).map_err(|_| FastPathError::Attach {
+            interface: interface.to_string(),
+            message:
+                "TC attached without tcx (kernel older than 6.6?); wgpin needs tcx links to pin"
+                    .into(),
+        })
+    }
+
+    /// Detaches from `interface` and removes the pins.
+    pub fn detach(&mut self, interface: &str) {
+        for hook in [Hook::Xdp, Hook::Tc] {
+            if let Some(held) = self.links.remove(&(hook, interface.to_string())) {
+                let _ = std::fs::remove_file(&held.path);
+                drop(held.link);
+            }
+        }
+    }
+
+    /// Checks that every link is still attached to its interface with a program that uses the
+    /// maps pinned under the root, and that the pinned maps are the ones this agent writes.
+    pub fn verify(&self) -> Verification {
+        let mut problems = Vec::new();
+        let ours = &self.maps.ids;
+        for (name, id) in ours {
+            match MapInfo::from_pin(self.paths.map(name)) {
+                Ok(info) if info.id() == *id => {}
+                Ok(info) => problems.push(format!(
+                    "map {name} pinned at {} is map {} but the fast path uses map {id}: it was replaced",
+                    self.paths.map(name).display(),
+                    info.id()
+                )),
+                Err(e) => problems.push(format!("map {name} is no longer pinned: {e}")),
+            }
+        }
+        for ((hook, interface), held) in &self.links {
+            if let Err(problem) = self.verify_link(*hook, interface, held, ours) {
+                problems.push(format!("{hook} on {interface}: {problem}"));
+            }
+        }
+        Verification { problems }
+    }
+
+    fn verify_link(
+        &self,
+        hook: Hook,
+        interface: &str,
+        held: &HeldLink,
+        ours: &BTreeMap<&'static str, u32>,
+    ) -> Result<(), String> {
+        let info: LinkInfo = held
+            .link
+            .info()
+            .map_err(|e| format!("cannot read the link: {e}"))?;
+        match PinnedLink::from_pin(&held.path) {
+            Ok(pinned) => {
+                let pinned_id = FdLink::from(pinned)
+                    .info()
+                    .map(|i| i.id())
+                    .unwrap_or_default();
+                if pinned_id != info.id() {
+                    return Err(format!(
+                        "the pin at {} now holds another link",
+                        held.path.display()
+                    ));
+                }
+            }
+            Err(_) => {
+                return Err(format!(
+                    "the link is no longer pinned at {}",
+                    held.path.display()
+                ));
+            }
+        }
+        let program_id = info.program_id();
+        let attached = match hook {
+            Hook::Xdp => netlink::xdp_program_id(interface)? == Some(program_id),
+            Hook::Tc => SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
+                .map_err(|e| format!("cannot query tcx: {e}"))?
+                .1
+                .iter()
+                .any(|p| p.id() == program_id),
+        };
+        if !attached {
+            return Err(format!(
+                "program {program_id} is no longer attached to the interface"
+            ));
+        }
+        let program = loaded_programs()
+            .flatten()
+            .find(|p| p.id() == program_id)
+            .ok_or_else(|| format!("program {program_id} is gone"))?;
+        let used = program
+            .map_ids()
+            .map_err(|e| format!("cannot read the program's maps: {e}"))?
+            .unwrap_or_default();
+        for (name, id) in ours {
+            if !used.contains(id) {
+                return Err(format!(
+                    "the attached program does not use map {name} (id {id}) that this agent writes"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the ports map and the allowlists hold now.
+    pub fn read_state(&self) -> Result<FastPathState, FastPathError> {
+        let mut state = FastPathState::default();
+        for entry in self.maps.ports.iter() {
+            let (key, value) = entry.map_err(map_err("reading the ports map"))?;
+            state.ports.insert(key.port(), value);
+        }
+        for entry in self.maps.allow_v4.iter() {
+            let (key, value) = entry.map_err(map_err("reading the IPv4 allowlist"))?;
+            let data = key.data();
+            let len = key.prefix_len().saturating_sub(wgpin_common::PORT_BITS) as u8;
+            if let Ok(prefix) = IpNet::new(IpAddr::from(data.addr), len) {
+                state.pins.insert(
+                    PinKey {
+                        port: u16::from_be_bytes(data.port_be),
+                        prefix,
+                    },
+                    value,
+                );
+            }
+        }
+        for entry in self.maps.allow_v6.iter() {
+            let (key, value) = entry.map_err(map_err("reading the IPv6 allowlist"))?;
+            let data = key.data();
+            let len = key.prefix_len().saturating_sub(wgpin_common::PORT_BITS) as u8;
+            if let Ok(prefix) = IpNet::new(IpAddr::from(data.addr), len) {
+                state.pins.insert(
+                    PinKey {
+                        port: u16::from_be_bytes(data.port_be),
+                        prefix,
+                    },
+                    value,
+                );
+            }
+        }
+        Ok(state)
+    }
+
+    /// Brings the maps to `desired` with the writes [`plan`] orders; returns how many it made.
+    pub fn apply(&mut self, desired: &FastPathState) -> Result<usize, FastPathError> {
+        let current = self.read_state()?;
+        let ops = plan(&current, desired);
+        for op in &ops {
+            self.write(op)?;
+        }
+        Ok(ops.len())
+    }
+
+    fn write(&mut self, op: &Op) -> Result<(), FastPathError> {
+        match *op {
+            Op::PutPin(key, entry) => self.pin_write(key, Some(entry)),
+            Op::DeletePin(key) => self.pin_write(key, None),
+            Op::PutPort(port, entry) => self
+                .maps
+                .ports
+                .insert(PortKey::new(port), entry, 0)
+                .map_err(map_err(format!("managing port {port}"))),
+            Op::DeletePort(port) => ignore_missing(self.maps.ports.remove(&PortKey::new(port)))
+                .map_err(map_err(format!("releasing port {port}"))),
+        }
+    }
+
+    fn pin_write(&mut self, key: PinKey, entry: Option<AllowEntry>) -> Result<(), FastPathError> {
+        let what = format!("pin {} on port {}", key.prefix, key.port);
+        let port_be = key.port.to_be_bytes();
+        let len = allow_prefix_len(key.prefix.prefix_len());
+        match key.prefix.network() {
+            IpAddr::V4(addr) => {
+                let trie = &mut self.maps.allow_v4;
+                let key = Key::new(
+                    len,
+                    AllowV4 {
+                        port_be,
+                        addr: addr.octets(),
+                    },
+                );
+                match entry {
+                    Some(entry) => trie.insert(&key, entry, 0).map_err(map_err(what)),
+                    None => ignore_missing(trie.remove(&key)).map_err(map_err(what)),
+                }
+            }
+            IpAddr::V6(addr) => {
+                let trie = &mut self.maps.allow_v6;
+                let key = Key::new(
+                    len,
+                    AllowV6 {
+                        port_be,
+                        addr: addr.octets(),
+                    },
+                );
+                match entry {
+                    Some(entry) => trie.insert(&key, entry, 0).map_err(map_err(what)),
+                    None => ignore_missing(trie.remove(&key)).map_err(map_err(what)),
+                }
+            }
+        }
+    }
+
+    /// Sets the least time between two violation events for one source.
+    pub fn set_event_interval(
+        &mut self,
+        interval: std::time::Duration,
+    ) -> Result<(), FastPathError> {
+        let event_interval_ns = u64::try_from(interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.maps
+            .config
+            .set(0, Config { event_interval_ns }, 0)
+            .map_err(map_err("writing the event interval"))
+    }
+
+    fn counters_at(
+        array: &PerCpuArray<MapData, Counters>,
+        map: &str,
+        slot: u32,
+    ) -> Result<Counters, FastPathError> {
+        let values = array
+            .get(&slot, 0)
+            .map_err(map_err(format!("reading {map}[{slot}]")))?;
+        let mut total = Counters::default();
+        for value in values.iter() {
+            total.add(value);
+        }
+        Ok(total)
+    }
+
+    /// Packets and bytes for a port slot, summed over CPUs.
+    pub fn port_counters(&self, slot: u32) -> Result<Counters, FastPathError> {
+        Self::counters_at(&self.maps.port_counters, maps::PORT_COUNTERS, slot)
+    }
+
+    /// Packets and bytes for a peer slot, summed over CPUs.
+    pub fn peer_counters(&self, slot: u32) -> Result<Counters, FastPathError> {
+        Self::counters_at(&self.maps.peer_counters, maps::PEER_COUNTERS, slot)
+    }
+
+    /// The programs' own counters, summed over CPUs.
+    pub fn global_counters(&self) -> Result<GlobalCounters, FastPathError> {
+        let values = self
+            .maps
+            .global_counters
+            .get(&0, 0)
+            .map_err(map_err("reading the global counters"))?;
+        let mut total = GlobalCounters::default();
+        for value in values.iter() {
+            total.add(value);
+        }
+        Ok(total)
+    }
+
+    /// Every violation event waiting in the ring buffer.
+    pub fn drain_violations(&mut self) -> Vec<Violation> {
+        let mut out = Vec::new();
+        while let Some(item) = self.maps.violations.next() {
+            if let Some(event) = ViolationEvent::from_bytes(&item) {
+                out.push(Violation::from(event));
+            }
+        }
+        out
+    }
+
+    /// The ring buffer's file descriptor, to wait for events (epoll, tokio `AsyncFd`).
+    pub fn violations_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.maps.violations.as_fd()
+    }
+
+    /// Runs one of the loaded programs on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times,
+    /// without attaching it: returns the verdict and the kernel's mean time per run. For
+    /// program-level tests and the per-packet cost benchmark.
+    pub fn test_run(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), FastPathError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(frame);
+        options.data_out = Some(&mut out);
+        options.repeat = repeat.max(1);
+        let what = format!("test run of the {hook} program");
+        let result = match hook {
+            Hook::Xdp => {
+                let xdp: &Xdp = program_ref(&self.ebpf, programs::XDP)?;
+                xdp.test_run(options)
+            }
+            Hook::Tc => {
+                let tc: &SchedClassifier = program_ref(&self.ebpf, programs::TC)?;
+                tc.test_run(options)
+            }
+        }
+        .map_err(prog_err(what))?;
+        Ok((result.return_value, result.duration))
+    }
+
+    /// Removes every pinned object: programs detach, maps go with their last user. For tests
+    /// and `wgpin-agent uninstall`; an agent that merely stops leaves everything in place.
+    pub fn remove_all(mut self) -> Result<(), FastPathError> {
+        let interfaces: Vec<String> = self.links.keys().map(|(_, i)| i.clone()).collect();
+        for interface in interfaces {
+            self.detach(&interface);
+        }
+        std::fs::remove_dir_all(self.paths.root()).map_err(|source| FastPathError::Io {
+            path: self.paths.root().to_path_buf(),
+            source,
+        })
+    }
+}
+
+fn map_missing(name: &str) -> FastPathError {
+    FastPathError::Attach {
+        interface: String::new(),
+        message: format!("{name} is missing from the eBPF object; the agent binary is broken"),
+    }
+}
+
+fn program_ref<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<&'a T, FastPathError>
+where
+    &'a T: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program(name).ok_or_else(|| map_missing(name))?;
+    program
+        .try_into()
+        .map_err(prog_err(format!("program {name}")))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, FastPathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or_else(|| map_missing(name))?;
+    program
+        .try_into()
+        .map_err(prog_err(format!("program {name}")))
+}
+
+/// Removing what is already gone is success (idempotent deletes).
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}

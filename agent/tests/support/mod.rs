@@ -1,0 +1,274 @@
+//! Test hosts in network namespaces: two namespaces joined by a veth pair, addresses only from
+//! 192.0.2.0/24 and fd00::/8, everything removed on drop. Needs root (the test command runs as
+//! root) and mounts bpffs when it is missing.
+
+#![allow(dead_code)]
+
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Fails the test early, with the fix, when it cannot do what it must.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests create network namespaces and load eBPF programs: run them as root (sudo ./scripts/test.sh)"
+    );
+    if !wgpin_agent::fastpath::loader::is_bpffs(std::path::Path::new("/sys/fs/bpf")) {
+        std::fs::create_dir_all("/sys/fs/bpf").expect("create /sys/fs/bpf");
+        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+    }
+}
+
+/// A short id unique to this process and call, for names that must not collide between tests
+/// running in parallel (interface names have at most 15 bytes).
+pub fn unique_id() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:04x}{n:x}", std::process::id() & 0xffff)
+}
+
+/// Runs `f` on a thread that has entered network namespace `name`; sockets and netlink calls
+/// made there belong to that namespace.
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// A server namespace and a client namespace joined by a veth pair.
+///
+/// server: `<server_if>` 192.0.2.1/24, fd00:2::1/64
+/// client: `<client_if>` 192.0.2.2-6/24, fd00:2::2-6/64 (pick a source by binding to it)
+pub struct Pair {
+    pub server_ns: String,
+    pub client_ns: String,
+    pub server_if: String,
+    pub client_if: String,
+}
+
+pub const SERVER_V4: &str = "192.0.2.1";
+pub const SERVER_V6: &str = "fd00:2::1";
+
+impl Pair {
+    pub fn new() -> Self {
+        require_root();
+        let id = unique_id();
+        let pair = Self {
+            server_ns: format!("wgpt-{id}-s"),
+            client_ns: format!("wgpt-{id}-c"),
+            server_if: format!("wp{id}s"),
+            client_if: format!("wp{id}c"),
+        };
+        run("ip", &["netns", "add", &pair.server_ns]);
+        run("ip", &["netns", "add", &pair.client_ns]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &pair.server_ns,
+                "link",
+                "add",
+                &pair.server_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &pair.client_if,
+                "netns",
+                &pair.client_ns,
+            ],
+        );
+        for (ns, dev, hosts) in [
+            (&pair.server_ns, &pair.server_if, 1..=1),
+            (&pair.client_ns, &pair.client_if, 2..=6),
+        ] {
+            for host in hosts {
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &format!("192.0.2.{host}/24"),
+                        "dev",
+                        dev,
+                    ],
+                );
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &format!("fd00:2::{host}/64"),
+                        "dev",
+                        dev,
+                        "nodad",
+                    ],
+                );
+            }
+            run("ip", &["-n", ns, "link", "set", dev, "up"]);
+            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        // Static neighbours, so that a burst is not queued behind address resolution.
+        let server_mac = mac(&pair.server_ns, &pair.server_if);
+        for ip in [SERVER_V4, SERVER_V6] {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &pair.client_ns,
+                    "neigh",
+                    "replace",
+                    ip,
+                    "lladdr",
+                    &server_mac,
+                    "dev",
+                    &pair.client_if,
+                    "nud",
+                    "permanent",
+                ],
+            );
+        }
+        pair
+    }
+
+    /// Sets the MTU on both ends.
+    pub fn mtu(&self, mtu: u16) {
+        let mtu = mtu.to_string();
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.server_ns,
+                "link",
+                "set",
+                &self.server_if,
+                "mtu",
+                &mtu,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.client_ns,
+                "link",
+                "set",
+                &self.client_if,
+                "mtu",
+                &mtu,
+            ],
+        );
+    }
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth end, and with it the peer.
+        for ns in [&self.server_ns, &self.client_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// The MAC address of `dev` in `ns`.
+pub fn mac(ns: &str, dev: &str) -> String {
+    let out = run("ip", &["-n", ns, "-o", "link", "show", "dev", dev]);
+    out.split_whitespace()
+        .skip_while(|word| *word != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC address for {dev} in {ns}: {out}"))
+        .to_string()
+}
+
+/// A UDP receiver in the server namespace, counting datagrams per source address.
+pub struct Receiver {
+    socket: UdpSocket,
+}
+
+impl Receiver {
+    /// Binds to every address of the namespace on `port` (IPv6 socket, dual-stack).
+    pub fn bind(ns: &str, port: u16) -> Self {
+        let socket = in_netns(ns, move || {
+            UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))
+                .unwrap_or_else(|e| panic!("bind [::]:{port}: {e}"))
+        });
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("set timeout");
+        Self { socket }
+    }
+
+    /// Every datagram received until the socket stays quiet for 300 ms: (source, length).
+    pub fn drain(&self) -> Vec<(IpAddr, usize)> {
+        let mut buffer = vec![0u8; 65536];
+        let mut out = Vec::new();
+        while let Ok((len, from)) = self.socket.recv_from(&mut buffer) {
+            let ip = match from.ip() {
+                IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map(IpAddr::V4)
+                    .unwrap_or(IpAddr::V6(v6)),
+                v4 => v4,
+            };
+            out.push((ip, len));
+            if out.len() > 100_000 {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Sends `count` datagrams of `len` bytes from `source` (an address of the client namespace)
+/// to `dest`:`port`.
+pub fn send_udp(ns: &str, source: &str, dest: &str, port: u16, count: usize, len: usize) {
+    let source: IpAddr = source.parse().expect("source address");
+    let dest: IpAddr = dest.parse().expect("destination address");
+    in_netns(ns, move || {
+        let socket = UdpSocket::bind(SocketAddr::new(source, 0))
+            .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+        let payload = vec![0x5au8; len];
+        for _ in 0..count {
+            socket
+                .send_to(&payload, SocketAddr::new(dest, port))
+                .unwrap_or_else(|e| panic!("send to {dest}:{port}: {e}"));
+        }
+    });
+}
