@@ -71,3 +71,39 @@ ensure_python_tool() {
 ensure_build_deps() {
     ensure_apt build-essential pkg-config ca-certificates
 }
+
+BPF_LINKER_VERSION=0.13.0
+LLVM_VERSION=22
+
+# ensure_ebpf_toolchain: the eBPF programs (agent/bpf) build with nightly Rust, its rust-src,
+# and bpf-linker built against Debian's LLVM (aya-build, called from agent/build.rs, runs them).
+ensure_ebpf_toolchain() {
+    if ! rustup toolchain list | grep -q '^nightly'; then
+        step "installing Rust nightly (for the eBPF programs only)"
+        rustup toolchain install nightly --profile minimal -c rust-src >/dev/null 2>&1 ||
+            die "rustup could not install the nightly toolchain, which the eBPF programs need"
+    fi
+    if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+        step "adding rust-src to nightly"
+        rustup component add rust-src --toolchain nightly >/dev/null 2>&1 ||
+            die "rustup could not add rust-src to nightly"
+    fi
+    if ! command -v bpf-linker >/dev/null 2>&1 ||
+        [ "$(bpf-linker --version 2>/dev/null | awk '{print $2}')" != "$BPF_LINKER_VERSION" ]; then
+        ensure_apt "llvm-$LLVM_VERSION-dev" "libpolly-$LLVM_VERSION-dev" libzstd-dev zlib1g-dev
+        step "building bpf-linker $BPF_LINKER_VERSION against LLVM $LLVM_VERSION (a few minutes, once)"
+        # Outside the repository, so its rust-toolchain.toml does not apply.
+        (cd / && LLVM_PREFIX="/usr/lib/llvm-$LLVM_VERSION" cargo +"$RUST_TOOLCHAIN" install --quiet --locked \
+            bpf-linker --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-$LLVM_VERSION") ||
+            die "building bpf-linker failed"
+    fi
+}
+
+# ensure_netns_tools: what the tests in network namespaces use.
+ensure_netns_tools() {
+    ensure_apt iproute2 kmod
+    if [ ! -d /sys/fs/bpf ] || ! grep -q " /sys/fs/bpf bpf " /proc/mounts; then
+        mkdir -p /sys/fs/bpf
+        mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs on /sys/fs/bpf"
+    fi
+}

@@ -8,7 +8,9 @@ need_root
 
 ensure_build_deps
 ensure_rust
+ensure_ebpf_toolchain
 if [ "${1:-}" = "--test" ]; then
+    ensure_netns_tools
     # Offline validation of the generated CRD manifests against Kubernetes' own schemas.
     ensure_python_tool kubernetes-validate==1.37.0 kubernetes-validate
 fi

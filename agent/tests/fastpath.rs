@@ -671,3 +671,166 @@ fn hold_fast_path_until_killed() {
         std::thread::sleep(Duration::from_secs(60));
     });
 }
+
+/// When another program owns an interface's XDP hook, the loader does not fight it: it falls
+/// back to TC and says why.
+#[test]
+fn another_xdp_owner_means_tc_with_a_reason() {
+    let pair = Pair::new();
+    let (first_root, second_root) = (TestRoot::new(), TestRoot::new());
+    let (server_ns, interface) = (pair.server_ns.clone(), pair.server_if.clone());
+    let (first_paths, second_paths) = (first_root.paths(), second_root.paths());
+    let (first, second) = in_netns(&server_ns, move || {
+        let mut owner = FastPath::open(first_paths).expect("first loader");
+        let first = owner
+            .attach(&interface, HookChoice::Xdp)
+            .expect("takes the XDP hook");
+        let mut second_loader = FastPath::open(second_paths).expect("second loader");
+        let second = second_loader
+            .attach(&interface, HookChoice::Auto)
+            .expect("falls back");
+        let verification = second_loader.verify();
+        assert!(verification.is_ok(), "{verification:?}");
+        (first, second)
+    });
+    assert_eq!(first.hook, Hook::Xdp);
+    assert_eq!(second.hook, Hook::Tc);
+    assert!(
+        second.reason.contains("another XDP program"),
+        "{}",
+        second.reason
+    );
+}
+
+/// Pins change while a pinned source streams packets: not one of its packets is dropped, and
+/// a source pinned in neither state never gets through.
+#[test]
+fn changing_pins_under_traffic_drops_no_valid_packet() {
+    let pair = Pair::new();
+    let root = TestRoot::new();
+    let (server_ns, interface) = (pair.server_ns.clone(), pair.server_if.clone());
+    let paths = root.paths();
+    let mut fast_path = in_netns(&server_ns, move || {
+        let mut fast_path = FastPath::open(paths).expect("fast path loads");
+        fast_path
+            .attach(&interface, HookChoice::Auto)
+            .expect("attaches");
+        fast_path
+    });
+    let wide = state(&[(40001, 0, NO_PEER)], &[(40001, "192.0.2.0/24", 1)]);
+    let narrow = state(
+        &[(40001, 0, NO_PEER)],
+        &[(40001, "192.0.2.2/32", 2), (40001, "192.0.2.128/25", 3)],
+    );
+    fast_path.apply(&wide).expect("maps written");
+
+    const VALID: usize = 20_000;
+    const INVALID: usize = 2_000;
+    let client_ns = pair.client_ns.clone();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..(VALID / 100) {
+            send_udp(&client_ns, "192.0.2.2", SERVER_V4, 40001, 100, 32);
+            send_udp(
+                &client_ns,
+                "fd00:2::5",
+                SERVER_V6,
+                40001,
+                INVALID / (VALID / 100),
+                32,
+            );
+        }
+    });
+    let mut changes = 0;
+    while !sender.is_finished() {
+        fast_path
+            .apply(if changes % 2 == 0 { &narrow } else { &wide })
+            .expect("pins changed");
+        changes += 1;
+    }
+    sender.join().expect("sender");
+    let counters = fast_path.port_counters(0).expect("counters");
+    assert!(
+        changes >= 10,
+        "the pins changed only {changes} times while traffic flowed"
+    );
+    assert_eq!(
+        (counters.allowed_packets, counters.dropped_packets),
+        (VALID as u64, INVALID as u64),
+        "after {changes} changes"
+    );
+}
+
+/// Replacing the program (what an upgrade does) keeps the link and its pin, swaps the program
+/// atomically, and lets no unpinned packet through while traffic flows.
+#[test]
+fn replacing_the_program_leaves_no_window() {
+    for choice in [HookChoice::Xdp, HookChoice::Tc] {
+        let pair = Pair::new();
+        let root = TestRoot::new();
+        let (server_ns, interface) = (pair.server_ns.clone(), pair.server_if.clone());
+        let (old_paths, new_paths) = (root.paths(), root.paths());
+        // The "old agent" attaches and goes away.
+        in_netns(&server_ns, move || {
+            let mut old = FastPath::open(old_paths).expect("old agent loads");
+            old.attach(&interface, choice).expect("attaches");
+            old.apply(&state(
+                &[(40001, 0, NO_PEER)],
+                &[(40001, "192.0.2.2/32", 1)],
+            ))
+            .expect("maps written");
+        });
+        let client_ns = pair.client_ns.clone();
+        let interface = pair.server_if.clone();
+        let (links_before, links_after, counters) = in_netns(&server_ns, move || {
+            let hook = if choice == HookChoice::Tc {
+                Hook::Tc
+            } else {
+                Hook::Xdp
+            };
+            let pin_path = new_paths.link(hook, &interface);
+            // (link id, program id) of the pinned link.
+            let pinned = || -> (u32, u32) {
+                let link =
+                    aya::programs::links::PinnedLink::from_pin(&pin_path).expect("link pinned");
+                let info = aya::programs::links::FdLink::from(link)
+                    .info()
+                    .expect("link info");
+                (info.id(), info.program_id())
+            };
+            let mut new = FastPath::open(new_paths).expect("new agent adopts");
+            let before = pinned();
+            let sender = std::thread::spawn(move || {
+                for _ in 0..100 {
+                    send_udp(&client_ns, "192.0.2.2", SERVER_V4, 40001, 50, 32);
+                    send_udp(&client_ns, "192.0.2.3", SERVER_V4, 40001, 10, 32);
+                }
+            });
+            let mut replaced = 0;
+            while !sender.is_finished() {
+                new.replace_programs().expect("program replaced");
+                replaced += 1;
+            }
+            sender.join().expect("sender");
+            assert!(
+                replaced >= 5,
+                "replaced only {replaced} times during traffic"
+            );
+            let verification = new.verify();
+            assert!(verification.is_ok(), "{interface}: {verification:?}");
+            (before, pinned(), new.port_counters(0).expect("counters"))
+        });
+        assert_eq!(
+            links_before.0, links_after.0,
+            "{choice:?}: the same link, not a new one"
+        );
+        assert_ne!(
+            links_before.1, links_after.1,
+            "{choice:?}: with another program in it"
+        );
+        assert_eq!(
+            (counters.allowed_packets, counters.dropped_packets),
+            (5000, 1000),
+            "{choice:?}"
+        );
+    }
+}

@@ -374,19 +374,41 @@ impl FastPath {
             let pinned = PinnedLink::from_pin(&path)
                 .map_err(link_err(format!("adopting {}", path.display())))?;
             let link = FdLink::from(pinned);
-            let link = self.upgrade(hook, &interface, link)?;
+            let link = self.upgrade(hook, &interface, link, false)?;
             self.links
                 .insert((hook, interface), HeldLink { link, path });
         }
         Ok(())
     }
 
-    /// Replaces the program inside `link` with this agent's when they differ (an upgrade).
+    /// Puts this agent's programs into every held link, atomically (`bpf_link_update`): the
+    /// hook is never empty, and the link and its pin stay the same. Adoption does this by itself
+    /// when the attached program differs (an upgrade); this forces it.
+    pub fn replace_programs(&mut self) -> Result<(), FastPathError> {
+        let keys: Vec<(Hook, String)> = self.links.keys().cloned().collect();
+        for (hook, interface) in keys {
+            if let Some(held) = self.links.remove(&(hook, interface.clone())) {
+                let link = self.upgrade(hook, &interface, held.link, true)?;
+                self.links.insert(
+                    (hook, interface),
+                    HeldLink {
+                        link,
+                        path: held.path,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the program inside `link` with this agent's when they differ (an upgrade), or
+    /// always when `force`.
     fn upgrade(
         &mut self,
         hook: Hook,
         interface: &str,
         link: FdLink,
+        force: bool,
     ) -> Result<FdLink, FastPathError> {
         let name = match hook {
             Hook::Xdp => programs::XDP,
@@ -406,9 +428,10 @@ impl FastPath {
             .flatten()
             .find(|p| p.id() == attached_id)
             .map(|p| p.tag());
-        if attached_tag == Some(ours.tag()) {
+        if !force && attached_tag == Some(ours.tag()) {
             return Ok(link);
         }
+        tracing::info!(interface, %hook, attached_id, "replacing the attached program with this agent's");
         let what = format!("upgrading the {hook} program on {interface}");
         match hook {
             Hook::Xdp => {
