@@ -2,9 +2,9 @@
 //!
 //! - [`manifests`]: standalone mode's input, `PinnedInterface` and `PinnedPeer` manifests read
 //!   from a directory and checked as the API server would;
-//! - [`fastpath`]: the eBPF allowlists in front of WireGuard's ports.
-//!
-//! The WireGuard backends come next.
+//! - [`fastpath`]: the eBPF allowlists in front of WireGuard's ports;
+//! - [`wireguard`]: WireGuard configuration, node keys and backends.
 
 pub mod fastpath;
 pub mod manifests;
+pub mod wireguard;

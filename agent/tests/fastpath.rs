@@ -262,6 +262,7 @@ fn program_verdicts_on_crafted_frames() {
     const DST: [u8; 4] = [192, 0, 2, 1];
     const PINNED6: [u8; 16] = [0xfd, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
     const OTHER6: [u8; 16] = [0xfd, 0, 0, 0x41, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+    const MAPPED_PINNED: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 203, 0, 113, 9];
     const DST6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     let v4 = |src| Ip::V4(src, DST);
     let v6 = |src| Ip::V6(src, DST6);
@@ -294,6 +295,11 @@ fn program_verdicts_on_crafted_frames() {
             drop,
         ),
         ("unmanaged port", Frame::udp(v4(OTHER), 5000, 40009), pass),
+        (
+            "IPv4-mapped IPv6 form of a pinned IPv4 source",
+            Frame::udp(v6(MAPPED_PINNED), 5000, 40001),
+            drop,
+        ),
         (
             "IPv4 catch-all pin",
             Frame::udp(v4(OTHER), 5000, 40003),

@@ -272,3 +272,42 @@ pub fn send_udp(ns: &str, source: &str, dest: &str, port: u16, count: usize, len
         }
     });
 }
+
+/// A wireguard-go process serving `interface` inside `ns`, killed on drop.
+pub struct WireguardGo {
+    pub interface: String,
+    child: std::process::Child,
+}
+
+impl WireguardGo {
+    pub fn start(ns: &str, interface: &str) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", interface])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("wireguard-go starts (apt-get install wireguard-go)");
+        let socket = format!("/var/run/wireguard/{interface}.sock");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wireguard-go did not open {socket}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            interface: interface.to_string(),
+            child,
+        }
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.interface));
+    }
+}
