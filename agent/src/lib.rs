@@ -3,8 +3,10 @@
 //! - [`manifests`]: standalone mode's input, `PinnedInterface` and `PinnedPeer` manifests read
 //!   from a directory and checked as the API server would;
 //! - [`fastpath`]: the eBPF allowlists in front of WireGuard's ports;
-//! - [`wireguard`]: WireGuard configuration, node keys and backends.
+//! - [`wireguard`]: WireGuard configuration, node keys and backends;
+//! - [`dataplane`]: both of them together, in the fail-closed order.
 
+pub mod dataplane;
 pub mod fastpath;
 pub mod manifests;
 pub mod wireguard;

@@ -15,7 +15,7 @@ use crate::{
 ///
 /// Written only by the operator (spec) and the node's agent (status); users read it. Private
 /// keys never appear here: each node generates its own and publishes only the public key.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "wgpin.io",
     version = "v1alpha1",

@@ -311,3 +311,97 @@ impl Drop for WireguardGo {
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.interface));
     }
 }
+
+/// A gateway namespace with two underlay links: one to a client namespace (192.0.2.0/25) and
+/// one to an attacker namespace (192.0.2.128/25).
+///
+/// gateway: `<gateway_if_client>` 192.0.2.1/25, `<gateway_if_attacker>` 192.0.2.129/25
+/// client: 192.0.2.2/25; attacker: 192.0.2.130/25
+pub struct Lan {
+    pub gateway_ns: String,
+    pub client_ns: String,
+    pub attacker_ns: String,
+    pub gateway_if_client: String,
+    pub gateway_if_attacker: String,
+}
+
+impl Lan {
+    pub fn new() -> Self {
+        require_root();
+        let id = unique_id();
+        let lan = Self {
+            gateway_ns: format!("wgpl-{id}-g"),
+            client_ns: format!("wgpl-{id}-c"),
+            attacker_ns: format!("wgpl-{id}-a"),
+            gateway_if_client: format!("wl{id}c"),
+            gateway_if_attacker: format!("wl{id}a"),
+        };
+        for ns in [&lan.gateway_ns, &lan.client_ns, &lan.attacker_ns] {
+            run("ip", &["netns", "add", ns]);
+            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        for (gateway_if, peer_ns, gateway_ip, peer_ip) in [
+            (
+                &lan.gateway_if_client,
+                &lan.client_ns,
+                "192.0.2.1/25",
+                "192.0.2.2/25",
+            ),
+            (
+                &lan.gateway_if_attacker,
+                &lan.attacker_ns,
+                "192.0.2.129/25",
+                "192.0.2.130/25",
+            ),
+        ] {
+            let peer_if = format!("{gateway_if}p");
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &lan.gateway_ns,
+                    "link",
+                    "add",
+                    gateway_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &peer_if,
+                    "netns",
+                    peer_ns,
+                ],
+            );
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &lan.gateway_ns,
+                    "addr",
+                    "add",
+                    gateway_ip,
+                    "dev",
+                    gateway_if,
+                ],
+            );
+            run(
+                "ip",
+                &["-n", &lan.gateway_ns, "link", "set", gateway_if, "up"],
+            );
+            run(
+                "ip",
+                &["-n", peer_ns, "addr", "add", peer_ip, "dev", &peer_if],
+            );
+            run("ip", &["-n", peer_ns, "link", "set", &peer_if, "up"]);
+        }
+        lan
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in [&self.gateway_ns, &self.client_ns, &self.attacker_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The node's data plane: the fast path and WireGuard, changed in the fail-closed order.
+//!
+//! - [`plan`]: from rendered state to devices, peers and pins (pure);
+//! - [`reconcile`]: applies a plan and guards it (fast path verified, endpoints inside pins);
+//! - `links`: device MTU, addresses and routes over rtnetlink.
+
+mod links;
+pub mod plan;
+pub mod reconcile;
+
+pub use plan::{DeviceSpec, NodeCapabilities, NodePlan, PeerSpec, plan_node, resolve_mode};
+pub use reconcile::{DataPlane, DataPlaneConfig, DataPlaneError, Eviction, GuardReport, Writes};

@@ -1,0 +1,541 @@
+//! Applies a [`NodePlan`] in the fail-closed order and keeps it true.
+//!
+//! 1. WireGuard first loses what is going away: peers no longer wanted leave before their pins.
+//! 2. The fast path gets the new pins, and is verified.
+//! 3. Only then do devices get their peers; a peer never goes live before its pin.
+//!
+//! Between reconciles, [`DataPlane::guard`] checks the fast path (every peer is withdrawn from
+//! WireGuard when it is detached or its maps are replaced, and restored once it is verified
+//! again) and evicts any peer whose endpoint has left its pin (in `Shared` mode a stolen key
+//! from a source pinned for another peer gets that far).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    time::SystemTime,
+};
+
+use ipnet::IpNet;
+use wgpin_crds::{
+    EnforcementState, InterfaceStatus, PeerEnforcementStatus, PinnedNodeStateSpec, ResolvedMode,
+    SecretKeySelector, WireGuardBackend, WireGuardKey,
+    k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp},
+};
+
+use super::{
+    links,
+    plan::{DeviceSpec, NodeCapabilities, NodePlan, plan_node},
+};
+use crate::{
+    fastpath::{Attachment, BpfPaths, FastPath, FastPathError, HookChoice, SlotTable},
+    wireguard::{
+        DeviceConfig, DeviceState, PeerChange, SecretKey, Uapi, diff_peers, endpoints_outside_pins,
+    },
+};
+
+/// How the data plane is set up on this node.
+#[derive(Clone, Debug)]
+pub struct DataPlaneConfig {
+    /// Node keys and the agent's own bookkeeping (slots, devices it created).
+    pub state_dir: PathBuf,
+    pub bpffs: BpfPaths,
+    /// Interfaces the fast path attaches to (where WireGuard's packets arrive).
+    pub underlay: Vec<String>,
+    pub hook: HookChoice,
+    /// The userspace WireGuard to start for each device.
+    pub wireguard_go: PathBuf,
+    pub uapi: Uapi,
+    /// Standalone mode's stand-in for Secrets: `<dir>/<namespace>/<name>/<key>`.
+    pub secrets_dir: Option<PathBuf>,
+}
+
+/// What the agent remembers across restarts.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Bookkeeping {
+    slots: SlotTable,
+    /// Devices this agent created (and may delete).
+    devices: BTreeSet<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error(transparent)]
+    FastPath(#[from] FastPathError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A peer evicted because its endpoint left its pin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Eviction {
+    pub interface: String,
+    pub device: String,
+    pub peer: String,
+    pub endpoint: SocketAddr,
+}
+
+/// What [`DataPlane::guard`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuardReport {
+    pub evictions: Vec<Eviction>,
+    /// The fast path failed verification: the problems, and that every peer was withdrawn.
+    pub withdrawn: Option<Vec<String>>,
+    /// The fast path was verified again after a withdrawal; the next reconcile restores peers.
+    pub recovered: bool,
+}
+
+/// Writes one reconcile made, for "no change writes nothing".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Writes {
+    pub fast_path: usize,
+    pub wireguard: usize,
+    pub links: usize,
+}
+
+/// The data plane of one node (userspace WireGuard).
+pub struct DataPlane {
+    config: DataPlaneConfig,
+    fast_path: FastPath,
+    attachments: Vec<Attachment>,
+    rtnl: rtnetlink::Handle,
+    book: Bookkeeping,
+    keys: BTreeMap<String, SecretKey>,
+    plan: NodePlan,
+    /// Peers are out of WireGuard because the fast path could not be verified.
+    withdrawn: bool,
+}
+
+impl DataPlane {
+    /// Loads or adopts the fast path and attaches it to every underlay interface. Must run in
+    /// a tokio runtime, in the node's network namespace.
+    pub fn new(config: DataPlaneConfig) -> Result<Self, DataPlaneError> {
+        let mut fast_path = FastPath::open(config.bpffs.clone())?;
+        let mut attachments = Vec::new();
+        for interface in &config.underlay {
+            let attachment = fast_path.attach(interface, config.hook)?;
+            tracing::info!(interface, hook = %attachment.hook, reason = %attachment.reason, "fast path on underlay");
+            attachments.push(attachment);
+        }
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            DataPlaneError::Setup(format!(
+                "state directory {}: {e}",
+                config.state_dir.display()
+            ))
+        })?;
+        let book = std::fs::read(config.state_dir.join("bookkeeping.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        let rtnl = links::connect().map_err(DataPlaneError::Setup)?;
+        Ok(Self {
+            config,
+            fast_path,
+            attachments,
+            rtnl,
+            book,
+            keys: BTreeMap::new(),
+            plan: NodePlan::default(),
+            withdrawn: false,
+        })
+    }
+
+    pub fn fast_path(&self) -> &FastPath {
+        &self.fast_path
+    }
+
+    pub fn fast_path_mut(&mut self) -> &mut FastPath {
+        &mut self.fast_path
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// The plan last applied.
+    pub fn plan(&self) -> &NodePlan {
+        &self.plan
+    }
+
+    fn save(&self) -> Result<(), DataPlaneError> {
+        let path = self.config.state_dir.join("bookkeeping.json");
+        let bytes = serde_json::to_vec_pretty(&self.book)
+            .map_err(|e| DataPlaneError::Setup(e.to_string()))?;
+        std::fs::write(&path, bytes)
+            .map_err(|e| DataPlaneError::Setup(format!("{}: {e}", path.display())))
+    }
+
+    fn key(&mut self, interface: &str) -> Result<SecretKey, DataPlaneError> {
+        if let Some(key) = self.keys.get(interface) {
+            return Ok(key.clone());
+        }
+        let path = self
+            .config
+            .state_dir
+            .join("keys")
+            .join(format!("{interface}.key"));
+        let key =
+            SecretKey::load_or_generate(&path).map_err(|e| DataPlaneError::Setup(e.to_string()))?;
+        self.keys.insert(interface.to_string(), key.clone());
+        Ok(key)
+    }
+
+    fn read_device(&self, device: &str) -> Option<DeviceState> {
+        self.config.uapi.get(device).ok()
+    }
+
+    /// Applies `spec`. Returns the writes made; a second call with the same spec writes nothing.
+    pub async fn reconcile(
+        &mut self,
+        spec: &PinnedNodeStateSpec,
+        capabilities: &NodeCapabilities,
+    ) -> Result<Writes, DataPlaneError> {
+        let secrets_dir = self.config.secrets_dir.clone();
+        let resolve =
+            move |reference: &SecretKeySelector| read_secret(secrets_dir.as_ref(), reference);
+        let plan = plan_node(spec, capabilities, &mut self.book.slots, &resolve);
+        let mut writes = Writes::default();
+        let wanted: BTreeMap<&str, &DeviceSpec> = plan
+            .devices
+            .iter()
+            .map(|d| (d.device.as_str(), d))
+            .collect();
+
+        // 1. Peers leave WireGuard before their pins leave the fast path.
+        let known: BTreeSet<String> = self
+            .book
+            .devices
+            .iter()
+            .cloned()
+            .chain(wanted.keys().map(|d| d.to_string()))
+            .collect();
+        for device in &known {
+            let Some(state) = self.read_device(device) else {
+                continue;
+            };
+            let keep: BTreeSet<WireGuardKey> = wanted
+                .get(device.as_str())
+                .map(|d| d.peers.iter().map(|p| p.config.public_key).collect())
+                .unwrap_or_default();
+            let removals: Vec<PeerChange> = state
+                .peers
+                .keys()
+                .filter(|k| !keep.contains(k))
+                .map(|k| PeerChange::Remove(*k))
+                .collect();
+            if !removals.is_empty() {
+                self.config
+                    .uapi
+                    .set(device, &DeviceConfig::default(), &removals)
+                    .map_err(|e| DataPlaneError::Setup(e.to_string()))?;
+                writes.wireguard += removals.len();
+            }
+        }
+
+        // 2. The fast path, verified.
+        writes.fast_path = self.fast_path.apply(&plan.fast_path)?;
+        let verification = self.fast_path.verify();
+        if !verification.is_ok() {
+            self.plan = plan;
+            self.save()?;
+            return Err(DataPlaneError::Setup(format!(
+                "the fast path is not verified, no peer is added: {}",
+                verification.problems.join("; ")
+            )));
+        }
+        self.withdrawn = false;
+
+        // 3. Devices, then their peers.
+        for device in plan.devices.iter() {
+            let key = self.key(&device.interface)?;
+            if !self.config.uapi.exists(&device.device) {
+                self.start_device(&device.device)?;
+                writes.links += 1;
+            }
+            self.book.devices.insert(device.device.clone());
+            let state = self.read_device(&device.device).unwrap_or_default();
+            let mut settings = DeviceConfig::default();
+            if state.public_key != Some(key.public_key()) {
+                settings.private_key = Some(key);
+            }
+            if state.listen_port != Some(device.listen_port) {
+                settings.listen_port = Some(device.listen_port);
+            }
+            let desired: Vec<_> = device.peers.iter().map(|p| p.config.clone()).collect();
+            let pins: BTreeMap<WireGuardKey, Vec<IpNet>> = device
+                .peers
+                .iter()
+                .map(|p| (p.config.public_key, p.pin.clone()))
+                .collect();
+            let changes = diff_peers(&desired, &state, &pins);
+            if settings != DeviceConfig::default() || !changes.is_empty() {
+                self.config
+                    .uapi
+                    .set(&device.device, &settings, &changes)
+                    .map_err(|e| DataPlaneError::Setup(e.to_string()))?;
+                writes.wireguard +=
+                    changes.len() + usize::from(settings != DeviceConfig::default());
+            }
+            let routes: Vec<IpNet> = device
+                .peers
+                .iter()
+                .flat_map(|p| p.config.allowed_ips.iter().copied())
+                .collect();
+            writes.links += links::configure(
+                &self.rtnl,
+                &device.device,
+                device.mtu,
+                &device.addresses,
+                &routes,
+            )
+            .await
+            .map_err(DataPlaneError::Setup)?;
+        }
+
+        // 4. Devices no longer wanted go (their peers already left in step 1).
+        let obsolete: Vec<String> = self
+            .book
+            .devices
+            .iter()
+            .filter(|d| !wanted.contains_key(d.as_str()))
+            .cloned()
+            .collect();
+        for device in obsolete {
+            if links::delete(&self.rtnl, &device)
+                .await
+                .map_err(DataPlaneError::Setup)?
+            {
+                writes.links += 1;
+            }
+            self.book.devices.remove(&device);
+        }
+        self.plan = plan;
+        self.save()?;
+        Ok(writes)
+    }
+
+    fn start_device(&self, device: &str) -> Result<(), DataPlaneError> {
+        // wireguard-go daemonizes once its UAPI socket is up, so it outlives the agent.
+        let output = Command::new(&self.config.wireguard_go)
+            .arg(device)
+            .env_remove("WG_PROCESS_FOREGROUND")
+            .output()
+            .map_err(|e| {
+                DataPlaneError::Setup(format!(
+                    "cannot run {}: {e}",
+                    self.config.wireguard_go.display()
+                ))
+            })?;
+        if !output.status.success() || !self.config.uapi.exists(device) {
+            return Err(DataPlaneError::Setup(format!(
+                "{} {device} did not start ({}): {}",
+                self.config.wireguard_go.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        tracing::info!(device, "started userspace WireGuard");
+        Ok(())
+    }
+
+    /// Between reconciles: fail closed when the fast path is not verified, and evict peers
+    /// whose endpoint left their pin.
+    pub fn guard(&mut self) -> GuardReport {
+        let mut report = GuardReport::default();
+        let verification = self.fast_path.verify();
+        if !verification.is_ok() {
+            if !self.withdrawn {
+                tracing::error!(problems = ?verification.problems, "fast path lost: withdrawing every peer from WireGuard");
+                self.withdraw_all();
+                self.withdrawn = true;
+                report.withdrawn = Some(verification.problems);
+            }
+            self.reattach();
+            return report;
+        }
+        if self.withdrawn {
+            report.recovered = true;
+            return report;
+        }
+        for device in &self.plan.devices {
+            let Some(state) = self.read_device(&device.device) else {
+                continue;
+            };
+            let pins: BTreeMap<WireGuardKey, Vec<IpNet>> = device
+                .peers
+                .iter()
+                .map(|p| (p.config.public_key, p.pin.clone()))
+                .collect();
+            for (key, endpoint) in endpoints_outside_pins(&state, &pins) {
+                let Some(peer) = device.peers.iter().find(|p| p.config.public_key == key) else {
+                    continue;
+                };
+                // Remove and re-add: the session goes; the configured endpoint (inside the
+                // pin) comes back, so the rightful peer can reconnect.
+                let changes = [PeerChange::Remove(key), PeerChange::add(&peer.config)];
+                match self
+                    .config
+                    .uapi
+                    .set(&device.device, &DeviceConfig::default(), &changes)
+                {
+                    Ok(()) => report.evictions.push(Eviction {
+                        interface: device.interface.clone(),
+                        device: device.device.clone(),
+                        peer: peer.name.clone(),
+                        endpoint,
+                    }),
+                    Err(e) => {
+                        tracing::error!(device = %device.device, peer = %peer.name, error = %e, "eviction failed")
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    fn withdraw_all(&mut self) {
+        for device in &self.book.devices {
+            let Some(state) = self.read_device(device) else {
+                continue;
+            };
+            let removals: Vec<PeerChange> =
+                state.peers.keys().map(|k| PeerChange::Remove(*k)).collect();
+            if let Err(e) = self
+                .config
+                .uapi
+                .set(device, &DeviceConfig::default(), &removals)
+            {
+                tracing::error!(device, error = %e, "could not withdraw peers");
+            }
+        }
+    }
+
+    fn reattach(&mut self) {
+        for interface in self.config.underlay.clone() {
+            self.fast_path.detach(&interface);
+            match self.fast_path.attach(&interface, self.config.hook) {
+                Ok(attachment) => {
+                    tracing::info!(interface, hook = %attachment.hook, "fast path re-attached")
+                }
+                Err(e) => tracing::error!(interface, error = %e, "fast path cannot be re-attached"),
+            }
+        }
+    }
+
+    /// Whether peers are withdrawn because the fast path could not be verified.
+    pub fn is_withdrawn(&self) -> bool {
+        self.withdrawn
+    }
+
+    /// The status of every interface for `PinnedNodeState.status` (and logs in standalone mode).
+    pub fn status(&self, now: SystemTime) -> Vec<InterfaceStatus> {
+        let mut interfaces: BTreeMap<String, InterfaceStatus> = BTreeMap::new();
+        let hook = self
+            .attachments
+            .iter()
+            .map(|a| format!("{}:{}", a.hook, a.interface))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (name, mode) in &self.plan.modes {
+            interfaces.insert(
+                name.clone(),
+                InterfaceStatus {
+                    name: name.clone(),
+                    mode: Some(*mode),
+                    backend: Some(WireGuardBackend::Userspace),
+                    fast_path: Some(hook.clone()),
+                    public_key: self.keys.get(name).map(|k| k.public_key().to_base64()),
+                    peers: Vec::new(),
+                },
+            );
+        }
+        for device in &self.plan.devices {
+            let state = self.read_device(&device.device);
+            for peer in &device.peers {
+                let live = state
+                    .as_ref()
+                    .and_then(|s| s.peers.get(&peer.config.public_key));
+                let enforced = live.is_some() && !self.withdrawn;
+                let entry = PeerEnforcementStatus {
+                    name: peer.name.clone(),
+                    state: if enforced {
+                        EnforcementState::Enforced
+                    } else if self.withdrawn {
+                        EnforcementState::Withdrawn
+                    } else {
+                        EnforcementState::Pending
+                    },
+                    observed_generation: None,
+                    listen_port: Some(device.listen_port),
+                    endpoint: live.and_then(|p| p.endpoint).map(|e| e.to_string()),
+                    last_handshake_time: live
+                        .and_then(|p| p.last_handshake)
+                        .and_then(|t| timestamp(t, now)),
+                    rx_bytes: live.map(|p| p.rx_bytes),
+                    tx_bytes: live.map(|p| p.tx_bytes),
+                    violations: None,
+                    message: self
+                        .withdrawn
+                        .then(|| "withdrawn: the fast path is not verified".to_string()),
+                };
+                if let Some(interface) = interfaces.get_mut(&device.interface) {
+                    interface.peers.push(entry);
+                }
+            }
+        }
+        for problem in &self.plan.problems {
+            let Some(interface) = interfaces.get_mut(&problem.interface) else {
+                continue;
+            };
+            if let Some(peer) = &problem.peer {
+                interface.peers.push(PeerEnforcementStatus {
+                    name: peer.clone(),
+                    state: EnforcementState::Failed,
+                    observed_generation: None,
+                    listen_port: None,
+                    endpoint: None,
+                    last_handshake_time: None,
+                    rx_bytes: None,
+                    tx_bytes: None,
+                    violations: None,
+                    message: Some(problem.reason.clone()),
+                });
+            }
+        }
+        interfaces.into_values().collect()
+    }
+
+    /// The mode each interface runs in.
+    pub fn modes(&self) -> &BTreeMap<String, ResolvedMode> {
+        &self.plan.modes
+    }
+}
+
+fn timestamp(at: SystemTime, _now: SystemTime) -> Option<Time> {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    Timestamp::from_second(i64::try_from(since.as_secs()).ok()?)
+        .ok()
+        .map(Time)
+}
+
+fn read_secret(dir: Option<&PathBuf>, reference: &SecretKeySelector) -> Result<SecretKey, String> {
+    let Some(dir) = dir else {
+        return Err(format!(
+            "preshared key Secret {}/{} is not available: standalone mode reads Secrets from --secrets-dir",
+            reference.namespace, reference.name
+        ));
+    };
+    let path = dir
+        .join(&reference.namespace)
+        .join(&reference.name)
+        .join(&reference.key);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("preshared key {}: {e}", path.display()))?;
+    SecretKey::from_base64(&text).ok_or_else(|| {
+        format!(
+            "{} does not hold a preshared key (`wg genpsk` output)",
+            path.display()
+        )
+    })
+}

@@ -1,0 +1,446 @@
+//! The pin against a stolen key, for real: wireguard-go on a gateway, the legitimate peer and
+//! an attacker holding the same private key in their own namespaces, the real eBPF programs,
+//! the agent's data plane in between. Needs root.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use support::{Lan, Receiver, WireguardGo, in_netns, run, send_udp, unique_id};
+use wgpin_agent::{
+    dataplane::{DataPlane, DataPlaneConfig, NodeCapabilities, Writes},
+    fastpath::{BpfPaths, HookChoice},
+    wireguard::{DeviceConfig, PeerChange, PeerConfig, SecretKey, Uapi},
+};
+use wgpin_crds::{EnforcementState, PinMode, PinnedNodeStateSpec, RenderedInterface, RenderedPeer};
+
+/// Where a test keeps its bpffs pins and agent state; removed at the end.
+struct Scratch {
+    bpffs: PathBuf,
+    state: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/wgpin-dp-{}", unique_id())),
+            state: tempfile::tempdir().expect("state dir"),
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+fn rendered_peer(
+    name: &str,
+    key: &SecretKey,
+    tunnel_ip: &str,
+    source: &str,
+    dedicated_port: Option<u16>,
+) -> RenderedPeer {
+    RenderedPeer {
+        name: name.into(),
+        generation: Some(1),
+        public_key: key.public_key().to_base64(),
+        allowed_ips: vec![format!("{tunnel_ip}/32")],
+        sources: vec![source.into()],
+        endpoint: None,
+        persistent_keepalive_seconds: None,
+        preshared_key_secret_ref: None,
+        dedicated_port,
+    }
+}
+
+fn gateway_spec(device: &str, mode: PinMode, peers: Vec<RenderedPeer>) -> PinnedNodeStateSpec {
+    PinnedNodeStateSpec {
+        node_name: "gateway".into(),
+        interfaces: vec![RenderedInterface {
+            name: "gateway".into(),
+            mode,
+            interface_name: device.into(),
+            listen_port: 51820,
+            listen_port_end: (mode == PinMode::Dedicated).then_some(51829),
+            addresses: vec!["198.51.100.1/24".into()],
+            mtu: Some(1420),
+            peers,
+        }],
+    }
+}
+
+/// A peer-side wireguard-go device using `key`, pointed at the gateway.
+fn peer_device(
+    ns: &str,
+    device: &str,
+    key: &SecretKey,
+    gateway_key: &str,
+    gateway: &str,
+    tunnel_ip: &str,
+) -> WireguardGo {
+    let wg = WireguardGo::start(ns, device);
+    let gateway_public = gateway_key.parse().expect("gateway key");
+    Uapi::default()
+        .set(
+            device,
+            &DeviceConfig {
+                private_key: Some(key.clone()),
+                listen_port: Some(40000),
+            },
+            &[PeerChange::add(&PeerConfig {
+                public_key: gateway_public,
+                preshared_key: None,
+                endpoint: Some(gateway.parse().expect("endpoint")),
+                persistent_keepalive: None,
+                allowed_ips: ["198.51.100.1/32".parse().expect("net")].into(),
+            })],
+        )
+        .expect("peer configured");
+    run(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{tunnel_ip}/24"),
+            "dev",
+            device,
+        ],
+    );
+    run("ip", &["-n", ns, "link", "set", device, "up"]);
+    wg
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Work for the gateway thread.
+type Command = Box<dyn FnOnce(&mut DataPlane, &tokio::runtime::Runtime) + Send>;
+
+/// The gateway's data plane, on a thread of its own inside the gateway namespace. Commands
+/// run there, one at a time.
+struct Gateway {
+    commands:
+        std::sync::mpsc::Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    fn start(lan: &Lan, scratch: &Scratch) -> Self {
+        let config = DataPlaneConfig {
+            state_dir: scratch.state.path().to_path_buf(),
+            bpffs: BpfPaths::new(&scratch.bpffs),
+            underlay: vec![
+                lan.gateway_if_client.clone(),
+                lan.gateway_if_attacker.clone(),
+            ],
+            hook: HookChoice::Auto,
+            wireguard_go: PathBuf::from("wireguard-go"),
+            uapi: Uapi::default(),
+            secrets_dir: None,
+        };
+        let (commands, inbox) = std::sync::mpsc::channel::<Command>();
+        let ns = lan.gateway_ns.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                let rt = runtime();
+                let mut dataplane = rt
+                    .block_on(async { DataPlane::new(config) })
+                    .expect("data plane starts");
+                ready_tx.send(()).expect("ready");
+                while let Ok(command) = inbox.recv() {
+                    command(&mut dataplane, &rt);
+                }
+            })
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("data plane ready");
+        Self {
+            commands,
+            thread: Some(thread),
+        }
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DataPlane, &tokio::runtime::Runtime) -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commands
+            .send(Box::new(move |dp, rt| {
+                let _ = tx.send(f(dp, rt));
+            }))
+            .expect("gateway thread alive");
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("command finished")
+    }
+
+    fn reconcile(&self, spec: PinnedNodeStateSpec) -> Writes {
+        self.run(move |dp, rt| {
+            rt.block_on(dp.reconcile(&spec, &NodeCapabilities::default()))
+                .expect("reconcile")
+        })
+    }
+
+    fn public_key(&self) -> String {
+        self.run(|dp, _| {
+            dp.status(std::time::SystemTime::now())
+                .into_iter()
+                .find_map(|i| i.public_key)
+                .expect("the gateway interface has a key")
+        })
+    }
+
+    /// The gateway's view of a peer: (endpoint, handshake seen).
+    fn peer(&self, name: &'static str) -> (Option<String>, bool, EnforcementState) {
+        self.run(move |dp, _| {
+            let status = dp.status(std::time::SystemTime::now());
+            let peer = status
+                .iter()
+                .flat_map(|i| i.peers.iter())
+                .find(|p| p.name == name)
+                .expect("peer in status")
+                .clone();
+            (
+                peer.endpoint,
+                peer.last_handshake_time.is_some(),
+                peer.state,
+            )
+        })
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // Remove every device (and with it its wireguard-go) before the namespace goes.
+        let (tx, _rx) = std::sync::mpsc::channel::<()>();
+        let _ = self.commands.send(Box::new(move |dp, rt| {
+            let _ = rt.block_on(dp.reconcile(
+                &PinnedNodeStateSpec::default(),
+                &NodeCapabilities::default(),
+            ));
+            let _ = tx.send(());
+        }));
+        let (closed, _) = std::sync::mpsc::channel();
+        self.commands = closed;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn tunnel_datagrams(lan: &Lan, from_ns: &str, source: &str) -> usize {
+    let receiver = Receiver::bind(&lan.gateway_ns, 7000);
+    send_udp(from_ns, source, "198.51.100.1", 7000, 3, 64);
+    std::thread::sleep(Duration::from_millis(500));
+    receiver.drain().len()
+}
+
+#[test]
+fn dedicated_mode_refuses_a_stolen_key_from_anywhere_else() {
+    let lan = Lan::new();
+    let scratch = Scratch::new();
+    let id = unique_id();
+    let gateway = Gateway::start(&lan, &scratch);
+    let laptop = SecretKey::generate().expect("key");
+    let spec = gateway_spec(
+        &format!("wgd{id}"),
+        PinMode::Dedicated,
+        vec![rendered_peer(
+            "laptop",
+            &laptop,
+            "198.51.100.2",
+            "192.0.2.2/32",
+            Some(51820),
+        )],
+    );
+
+    let first = gateway.reconcile(spec.clone());
+    assert!(first.fast_path > 0 && first.wireguard > 0, "{first:?}");
+    assert_eq!(
+        gateway.reconcile(spec.clone()),
+        Writes::default(),
+        "a reconcile without change writes nothing"
+    );
+    let gateway_key = gateway.public_key();
+
+    // The rightful peer connects.
+    let _client = peer_device(
+        &lan.client_ns,
+        &format!("wgc{id}"),
+        &laptop,
+        &gateway_key,
+        "192.0.2.1:51820",
+        "198.51.100.2",
+    );
+    assert!(
+        tunnel_datagrams(&lan, &lan.client_ns, "198.51.100.2") > 0,
+        "the pinned peer gets through"
+    );
+    let (endpoint, handshake, state) = gateway.peer("laptop");
+    assert_eq!(endpoint.as_deref(), Some("192.0.2.2:40000"));
+    assert!(handshake);
+    assert_eq!(state, EnforcementState::Enforced);
+
+    // The attacker with the same key, from its own address: nothing, and the endpoint stays.
+    let _attacker = peer_device(
+        &lan.attacker_ns,
+        &format!("wga{id}"),
+        &laptop,
+        &gateway_key,
+        "192.0.2.129:51820",
+        "198.51.100.2",
+    );
+    assert_eq!(
+        tunnel_datagrams(&lan, &lan.attacker_ns, "198.51.100.2"),
+        0,
+        "the stolen key gets nothing through"
+    );
+    let (endpoint, _, _) = gateway.peer("laptop");
+    assert_eq!(
+        endpoint.as_deref(),
+        Some("192.0.2.2:40000"),
+        "the endpoint never moved"
+    );
+    let violations = gateway.run(|dp, _| dp.fast_path_mut().drain_violations());
+    assert!(
+        violations
+            .iter()
+            .any(|v| v.source.to_string() == "192.0.2.130" && v.port == 51820),
+        "the attacker is reported: {violations:?}"
+    );
+    assert!(
+        gateway.reconcile(spec).wireguard == 0,
+        "the attack changed nothing to repair"
+    );
+}
+
+#[test]
+fn shared_mode_evicts_a_stolen_key_from_another_peers_pinned_address() {
+    let lan = Lan::new();
+    let scratch = Scratch::new();
+    let id = unique_id();
+    let gateway = Gateway::start(&lan, &scratch);
+    let (laptop, phone) = (
+        SecretKey::generate().expect("key"),
+        SecretKey::generate().expect("key"),
+    );
+    // The attacker's address is pinned for the phone, so the fast path lets it through.
+    let spec = gateway_spec(
+        &format!("wgs{id}"),
+        PinMode::Shared,
+        vec![
+            rendered_peer("laptop", &laptop, "198.51.100.2", "192.0.2.2/32", None),
+            rendered_peer("phone", &phone, "198.51.100.3", "192.0.2.130/32", None),
+        ],
+    );
+    gateway.reconcile(spec.clone());
+    let gateway_key = gateway.public_key();
+    let _client = peer_device(
+        &lan.client_ns,
+        &format!("wgc{id}"),
+        &laptop,
+        &gateway_key,
+        "192.0.2.1:51820",
+        "198.51.100.2",
+    );
+    assert!(tunnel_datagrams(&lan, &lan.client_ns, "198.51.100.2") > 0);
+
+    let _attacker = peer_device(
+        &lan.attacker_ns,
+        &format!("wga{id}"),
+        &laptop,
+        &gateway_key,
+        "192.0.2.129:51820",
+        "198.51.100.2",
+    );
+    let started = Instant::now();
+    send_udp(
+        &lan.attacker_ns,
+        "198.51.100.2",
+        "198.51.100.1",
+        7000,
+        1,
+        64,
+    );
+    let mut evicted = Vec::new();
+    while evicted.is_empty() && started.elapsed() < Duration::from_secs(5) {
+        evicted = gateway.run(|dp, _| dp.guard().evictions);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let detection = started.elapsed();
+    assert_eq!(evicted.len(), 1, "the hijack is detected and evicted");
+    assert_eq!(evicted[0].peer, "laptop");
+    assert_eq!(evicted[0].endpoint.ip().to_string(), "192.0.2.130");
+    println!("shared-mode detection and eviction took {detection:?}");
+    let (endpoint, _, state) = gateway.peer("laptop");
+    assert_ne!(
+        endpoint
+            .as_deref()
+            .map(|e| e.parse::<SocketAddr>().expect("addr").ip().to_string()),
+        Some("192.0.2.130".into())
+    );
+    assert_eq!(
+        state,
+        EnforcementState::Enforced,
+        "the peer is back, waiting for its rightful owner"
+    );
+}
+
+#[test]
+fn a_detached_fast_path_withdraws_every_peer_until_it_is_back() {
+    let lan = Lan::new();
+    let scratch = Scratch::new();
+    let id = unique_id();
+    let gateway = Gateway::start(&lan, &scratch);
+    let laptop = SecretKey::generate().expect("key");
+    let spec = gateway_spec(
+        &format!("wgw{id}"),
+        PinMode::Shared,
+        vec![rendered_peer(
+            "laptop",
+            &laptop,
+            "198.51.100.2",
+            "192.0.2.2/32",
+            None,
+        )],
+    );
+    gateway.reconcile(spec.clone());
+    assert_eq!(gateway.peer("laptop").2, EnforcementState::Enforced);
+
+    // Someone removes the pin of one of the fast path's links.
+    let link = std::fs::read_dir(scratch.bpffs.join("links"))
+        .expect("links")
+        .flatten()
+        .next()
+        .expect("a link")
+        .path();
+    std::fs::remove_file(&link).expect("unpin");
+    let started = Instant::now();
+    let report = gateway.run(|dp, _| dp.guard());
+    assert!(report.withdrawn.is_some(), "{report:?}");
+    assert_eq!(gateway.peer("laptop").2, EnforcementState::Withdrawn);
+    println!(
+        "withdrawn {:?} after the fast path was lost",
+        started.elapsed()
+    );
+
+    // Re-attached by the guard: verified again, then the next reconcile restores the peer.
+    let report = gateway.run(|dp, _| dp.guard());
+    assert!(report.recovered, "{report:?}");
+    gateway.reconcile(spec);
+    assert_eq!(gateway.peer("laptop").2, EnforcementState::Enforced);
+}
