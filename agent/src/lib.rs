@@ -4,9 +4,13 @@
 //!   from a directory and checked as the API server would;
 //! - [`fastpath`]: the eBPF allowlists in front of WireGuard's ports;
 //! - [`wireguard`]: WireGuard configuration, node keys and backends;
-//! - [`dataplane`]: both of them together, in the fail-closed order.
+//! - [`dataplane`]: both of them together, in the fail-closed order;
+//! - [`standalone`]: the agent without Kubernetes, reading manifests from a directory;
+//! - [`metrics`]: Prometheus metrics and health endpoints.
 
 pub mod dataplane;
 pub mod fastpath;
 pub mod manifests;
+pub mod metrics;
+pub mod standalone;
 pub mod wireguard;

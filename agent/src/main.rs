@@ -2,16 +2,38 @@
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
-use wgpin_agent::manifests;
+use clap::{Parser, Subcommand, ValueEnum};
+use wgpin_agent::{
+    dataplane::DataPlaneConfig,
+    fastpath::{BpfPaths, HookChoice, loader::DEFAULT_BPFFS_ROOT},
+    manifests, standalone,
+    wireguard::Uapi,
+};
 use wgpin_crds::PinnedNodeState;
 use wgpin_operator::{NodeInfo, PortAssignments, render};
 
 #[derive(Parser)]
 #[command(name = "wgpin-agent", version, about = "wgpin node agent")]
 struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Hook {
+    /// Native XDP, TC when XDP cannot attach or is owned by another program.
+    Auto,
+    Xdp,
+    Tc,
 }
 
 #[derive(Subcommand)]
@@ -29,6 +51,44 @@ enum Command {
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Enforce the manifests in a directory on this host, without Kubernetes: the fast path on
+    /// the underlay interfaces, then userspace WireGuard. Re-reads the directory when it
+    /// changes. Stopping leaves enforcement in place; the next start adopts it.
+    Standalone {
+        /// Directory with PinnedInterface and PinnedPeer manifests (read recursively).
+        #[arg(long)]
+        dir: PathBuf,
+        /// This node's name.
+        #[arg(long, default_value = "localhost")]
+        node: String,
+        /// A label of this node (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// An interface WireGuard's packets arrive on; the fast path attaches there (repeatable).
+        #[arg(long = "underlay", required = true)]
+        underlay: Vec<String>,
+        /// The fast-path hook.
+        #[arg(long, value_enum, default_value_t = Hook::Auto)]
+        hook: Hook,
+        /// Node keys and the agent's bookkeeping.
+        #[arg(long, default_value = "/var/lib/wgpin")]
+        state_dir: PathBuf,
+        /// Where the fast path's programs, links and maps are pinned.
+        #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+        bpffs_root: PathBuf,
+        /// The userspace WireGuard to run for each device.
+        #[arg(long, default_value = "wireguard-go")]
+        wireguard_go: PathBuf,
+        /// Preshared keys: <dir>/<namespace>/<name>/<key>, like mounted Secrets.
+        #[arg(long)]
+        secrets_dir: Option<PathBuf>,
+        /// Serve /metrics, /healthz and /readyz here.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Milliseconds between fast-path verifications and endpoint checks.
+        #[arg(long, default_value_t = 200)]
+        guard_interval_ms: u64,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -42,8 +102,93 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match cli.log_format {
+        LogFormat::Human => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    match cli.command {
         Command::Render { dir, node, labels } => render_command(dir, node, labels),
+        Command::Standalone {
+            dir,
+            node,
+            labels,
+            underlay,
+            hook,
+            state_dir,
+            bpffs_root,
+            wireguard_go,
+            secrets_dir,
+            metrics_addr,
+            guard_interval_ms,
+        } => {
+            let config = standalone::StandaloneConfig {
+                dir,
+                node: NodeInfo {
+                    name: node,
+                    labels: labels.into_iter().collect(),
+                },
+                dataplane: DataPlaneConfig {
+                    state_dir,
+                    bpffs: BpfPaths::new(bpffs_root),
+                    underlay,
+                    hook: match hook {
+                        Hook::Auto => HookChoice::Auto,
+                        Hook::Xdp => HookChoice::Xdp,
+                        Hook::Tc => HookChoice::Tc,
+                    },
+                    wireguard_go,
+                    uapi: Uapi::default(),
+                    secrets_dir,
+                },
+                metrics_addr,
+                guard_interval: std::time::Duration::from_millis(guard_interval_ms.max(10)),
+                reload_interval: std::time::Duration::from_secs(1),
+                violation_logs_per_second: 20,
+            };
+            standalone_command(config)
+        }
+    }
+}
+
+fn standalone_command(config: standalone::StandaloneConfig) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = async {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    match runtime.block_on(standalone::run(config, shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -158,6 +158,11 @@ impl DataPlane {
         &self.plan
     }
 
+    /// Counter slots of ports and peers, to name what the fast path counts.
+    pub fn slots(&self) -> &SlotTable {
+        &self.book.slots
+    }
+
     fn save(&self) -> Result<(), DataPlaneError> {
         let path = self.config.state_dir.join("bookkeeping.json");
         let bytes = serde_json::to_vec_pretty(&self.book)
@@ -233,6 +238,24 @@ impl DataPlane {
             }
         }
 
+        // Devices no longer wanted go now, peers already gone: their ports may be reused below.
+        let obsolete: Vec<String> = self
+            .book
+            .devices
+            .iter()
+            .filter(|d| !wanted.contains_key(d.as_str()))
+            .cloned()
+            .collect();
+        for device in obsolete {
+            if links::delete(&self.rtnl, &device)
+                .await
+                .map_err(DataPlaneError::Setup)?
+            {
+                writes.links += 1;
+            }
+            self.book.devices.remove(&device);
+        }
+
         // 2. The fast path, verified.
         writes.fast_path = self.fast_path.apply(&plan.fast_path)?;
         let verification = self.fast_path.verify();
@@ -293,23 +316,6 @@ impl DataPlane {
             .map_err(DataPlaneError::Setup)?;
         }
 
-        // 4. Devices no longer wanted go (their peers already left in step 1).
-        let obsolete: Vec<String> = self
-            .book
-            .devices
-            .iter()
-            .filter(|d| !wanted.contains_key(d.as_str()))
-            .cloned()
-            .collect();
-        for device in obsolete {
-            if links::delete(&self.rtnl, &device)
-                .await
-                .map_err(DataPlaneError::Setup)?
-            {
-                writes.links += 1;
-            }
-            self.book.devices.remove(&device);
-        }
         self.plan = plan;
         self.save()?;
         Ok(writes)

@@ -45,7 +45,7 @@ pub enum UapiError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{interface}: WireGuard refused the request: errno={errno} ({})", std::io::Error::from_raw_os_error(*errno))]
+    #[error("{interface}: WireGuard refused the request: errno={errno} ({})", std::io::Error::from_raw_os_error(errno.abs()))]
     Errno { interface: String, errno: i32 },
     #[error("{interface}: unexpected reply line {line:?}")]
     Protocol { interface: String, line: String },

@@ -1,0 +1,284 @@
+//! Prometheus metrics of the agent, and the small HTTP endpoint that serves them with
+//! `/healthz` and `/readyz`.
+//!
+//! Labels are bounded: interface and peer names (objects the user wrote), never addresses; an
+//! attacker can send from any number of sources but cannot add a label value.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use wgpin_common::Counters;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterfaceLabels {
+    pub interface: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub interface: String,
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub interface: String,
+    pub peer: String,
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub interface: String,
+    pub mode: String,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    pub packets: Family<VerdictLabels, Counter>,
+    pub bytes: Family<VerdictLabels, Counter>,
+    pub violation_events: Family<PeerLabels, Counter>,
+    pub evictions: Family<PeerLabels, Counter>,
+    pub peer_enforced: Family<PeerLabels, Gauge>,
+    pub mode: Family<ModeLabels, Gauge>,
+    pub fast_path_verified: Gauge,
+    pub withdrawals: Counter,
+    pub events_rate_limited: Counter,
+    pub events_lost: Counter,
+    pub reconcile_errors: Counter,
+    pub reconcile_seconds: Histogram,
+    /// Last kernel readings, to turn absolute counters into increments.
+    seen: Mutex<BTreeMap<(VerdictLabels, bool), u64>>,
+    seen_global: Mutex<(u64, u64)>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wgpin");
+        let packets = Family::<VerdictLabels, Counter>::default();
+        let bytes = Family::<VerdictLabels, Counter>::default();
+        let violation_events = Family::<PeerLabels, Counter>::default();
+        let evictions = Family::<PeerLabels, Counter>::default();
+        let peer_enforced = Family::<PeerLabels, Gauge>::default();
+        let mode = Family::<ModeLabels, Gauge>::default();
+        let fast_path_verified = Gauge::default();
+        let withdrawals = Counter::default();
+        let events_rate_limited = Counter::default();
+        let events_lost = Counter::default();
+        let reconcile_errors = Counter::default();
+        let reconcile_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register(
+            "fastpath_packets",
+            "Packets to managed ports, by peer (empty for a shared port's unattributed packets) and verdict",
+            packets.clone(),
+        );
+        registry.register(
+            "fastpath_bytes",
+            "Bytes to managed ports, by peer and verdict",
+            bytes.clone(),
+        );
+        registry.register(
+            "violation_events",
+            "Violation events from the fast path (at most one per source per interval)",
+            violation_events.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Sessions evicted because the endpoint left the peer's pin",
+            evictions.clone(),
+        );
+        registry.register(
+            "peer_enforced",
+            "1 when the peer is live behind its verified pin",
+            peer_enforced.clone(),
+        );
+        registry.register(
+            "interface_mode",
+            "The pin mode an interface runs in (value 1)",
+            mode.clone(),
+        );
+        registry.register(
+            "fastpath_verified",
+            "1 when the fast path is attached and its maps are the pinned ones",
+            fast_path_verified.clone(),
+        );
+        registry.register(
+            "withdrawals",
+            "Times every peer was withdrawn because the fast path was lost",
+            withdrawals.clone(),
+        );
+        registry.register(
+            "fastpath_events_rate_limited",
+            "Violations folded into later events by the per-source rate limit",
+            events_rate_limited.clone(),
+        );
+        registry.register(
+            "fastpath_events_lost",
+            "Violation events lost to a full ring buffer",
+            events_lost.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time to apply the desired state",
+            reconcile_seconds.clone(),
+        );
+        Self {
+            registry,
+            packets,
+            bytes,
+            violation_events,
+            evictions,
+            peer_enforced,
+            mode,
+            fast_path_verified,
+            withdrawals,
+            events_rate_limited,
+            events_lost,
+            reconcile_errors,
+            reconcile_seconds,
+            seen: Mutex::new(BTreeMap::new()),
+            seen_global: Mutex::new((0, 0)),
+        }
+    }
+
+    /// Records a kernel counter reading for one peer (or one interface, with `peer` empty).
+    pub fn observe_counters(&self, interface: &str, peer: &str, counters: &Counters) {
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        for (verdict, packets, bytes) in [
+            ("allowed", counters.allowed_packets, counters.allowed_bytes),
+            ("dropped", counters.dropped_packets, counters.dropped_bytes),
+        ] {
+            let labels = VerdictLabels {
+                interface: interface.to_string(),
+                peer: peer.to_string(),
+                verdict,
+            };
+            for (is_bytes, value, family) in
+                [(false, packets, &self.packets), (true, bytes, &self.bytes)]
+            {
+                let last = seen.entry((labels.clone(), is_bytes)).or_insert(0);
+                // A smaller reading means the map was recreated: count from zero again.
+                let delta = if value >= *last { value - *last } else { value };
+                family.get_or_create(&labels).inc_by(delta);
+                *last = value;
+            }
+        }
+    }
+
+    /// Records the programs' own event counters.
+    pub fn observe_events(&self, rate_limited: u64, lost: u64) {
+        let Ok(mut seen) = self.seen_global.lock() else {
+            return;
+        };
+        self.events_rate_limited
+            .inc_by(rate_limited.saturating_sub(seen.0));
+        self.events_lost.inc_by(lost.saturating_sub(seen.1));
+        *seen = (rate_limited.max(seen.0), lost.max(seen.1));
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (ready only while `ready` is true) on `listener`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let mut request = vec![0u8; 2048];
+            let Ok(Ok(len)) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut request))
+                    .await
+            else {
+                return;
+            };
+            let line = String::from_utf8_lossy(&request[..len]);
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, content_type, body) = match path {
+                "/metrics" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics.encode(),
+                ),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/readyz" if ready.load(std::sync::atomic::Ordering::Relaxed) => {
+                    ("200 OK", "text/plain", "ready\n".to_string())
+                }
+                "/readyz" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "the fast path is not verified\n".to_string(),
+                ),
+                _ => (
+                    "404 Not Found",
+                    "text/plain",
+                    "try /metrics, /healthz or /readyz\n".to_string(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_readings_become_increments_and_survive_a_reset() {
+        let metrics = Metrics::new();
+        let reading = |allowed| Counters {
+            allowed_packets: allowed,
+            allowed_bytes: allowed * 100,
+            dropped_packets: 1,
+            dropped_bytes: 60,
+        };
+        metrics.observe_counters("gateway", "laptop", &reading(5));
+        metrics.observe_counters("gateway", "laptop", &reading(8));
+        metrics.observe_counters("gateway", "laptop", &reading(2));
+        let text = metrics.encode();
+        assert!(text.contains(r#"wgpin_fastpath_packets_total{interface="gateway",peer="laptop",verdict="allowed"} 10"#), "{text}");
+        assert!(text.contains(r#"wgpin_fastpath_packets_total{interface="gateway",peer="laptop",verdict="dropped"} 1"#), "{text}");
+        assert!(text.contains(r#"wgpin_fastpath_bytes_total{interface="gateway",peer="laptop",verdict="allowed"} 1000"#), "{text}");
+    }
+}
