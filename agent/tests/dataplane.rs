@@ -131,8 +131,7 @@ type Command = Box<dyn FnOnce(&mut DataPlane, &tokio::runtime::Runtime) + Send>;
 /// The gateway's data plane, on a thread of its own inside the gateway namespace. Commands
 /// run there, one at a time.
 struct Gateway {
-    commands:
-        std::sync::mpsc::Sender<Command>,
+    commands: std::sync::mpsc::Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
