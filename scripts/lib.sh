@@ -99,9 +99,9 @@ ensure_ebpf_toolchain() {
     fi
 }
 
-# ensure_netns_tools: what the tests in network namespaces use.
+# ensure_netns_tools: network namespaces, userspace WireGuard and bpffs.
 ensure_netns_tools() {
-    ensure_apt iproute2 kmod wireguard-go wireguard-tools
+    ensure_apt iproute2 util-linux procps wireguard-go wireguard-tools
     if [ ! -d /sys/fs/bpf ] || ! grep -q " /sys/fs/bpf bpf " /proc/mounts; then
         mkdir -p /sys/fs/bpf
         mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs on /sys/fs/bpf"

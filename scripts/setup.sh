@@ -9,8 +9,9 @@ need_root
 ensure_build_deps
 ensure_rust
 ensure_ebpf_toolchain
+# The demo and the tests both run WireGuard (wireguard-go) in network namespaces.
+ensure_netns_tools
 if [ "${1:-}" = "--test" ]; then
-    ensure_netns_tools
     # Offline validation of the generated CRD manifests against Kubernetes' own schemas.
     ensure_python_tool kubernetes-validate==1.37.0 kubernetes-validate
 fi
