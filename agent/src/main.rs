@@ -88,6 +88,9 @@ enum Command {
         /// Milliseconds between fast-path verifications and endpoint checks.
         #[arg(long, default_value_t = 200)]
         guard_interval_ms: u64,
+        /// Milliseconds between re-applications of the whole state (drift repair).
+        #[arg(long, default_value_t = 10_000)]
+        resync_interval_ms: u64,
     },
 }
 
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
             secrets_dir,
             metrics_addr,
             guard_interval_ms,
+            resync_interval_ms,
         } => {
             let config = standalone::StandaloneConfig {
                 dir,
@@ -154,6 +158,7 @@ fn main() -> ExitCode {
                 metrics_addr,
                 guard_interval: std::time::Duration::from_millis(guard_interval_ms.max(10)),
                 reload_interval: std::time::Duration::from_secs(1),
+                resync_interval: std::time::Duration::from_millis(resync_interval_ms.max(100)),
                 violation_logs_per_second: 20,
             };
             standalone_command(config)

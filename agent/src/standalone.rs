@@ -33,6 +33,9 @@ pub struct StandaloneConfig {
     pub guard_interval: Duration,
     /// How often the directory is checked for changes.
     pub reload_interval: Duration,
+    /// How often the whole state is re-applied even without a change, to repair drift (a peer
+    /// added or changed by hand with `wg set`). A re-apply without drift writes nothing.
+    pub resync_interval: Duration,
     /// Most violation log lines per second; the rest are summed up.
     pub violation_logs_per_second: u32,
 }
@@ -173,6 +176,7 @@ pub async fn run(
     // After a failed reconcile, wait 1 s, 2 s, 4 s … up to 30 s before the next try.
     let mut backoff = Duration::ZERO;
     let mut retry_at = Instant::now();
+    let mut last_apply = Instant::now();
     let mut ticker = tokio::time::interval(config.guard_interval);
     tokio::pin!(shutdown);
     loop {
@@ -235,12 +239,20 @@ pub async fn run(
                 seen = Some(current);
             }
         }
-        if dirty && Instant::now() >= retry_at {
+        let resync = !dirty && last_apply.elapsed() >= config.resync_interval;
+        if (dirty || resync) && Instant::now() >= retry_at {
             let started = Instant::now();
+            last_apply = started;
             match dataplane.reconcile(&spec, &capabilities).await {
                 Ok(writes) => {
                     dirty = false;
                     backoff = Duration::ZERO;
+                    if resync && writes != Default::default() {
+                        tracing::warn!(
+                            ?writes,
+                            "configuration drift repaired: WireGuard or the fast path had been changed by hand"
+                        );
+                    }
                     metrics
                         .reconcile_seconds
                         .observe(started.elapsed().as_secs_f64());

@@ -10,11 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Lan, Receiver, WireguardGo, in_netns, run, send_udp, unique_id};
+use support::{Lan, Receiver, in_netns, peer_device, send_udp, unique_id};
 use wgpin_agent::{
     dataplane::{DataPlane, DataPlaneConfig, NodeCapabilities, Writes},
     fastpath::{BpfPaths, HookChoice},
-    wireguard::{DeviceConfig, PeerChange, PeerConfig, SecretKey, Uapi},
+    wireguard::{SecretKey, Uapi},
 };
 use wgpin_crds::{EnforcementState, PinMode, PinnedNodeStateSpec, RenderedInterface, RenderedPeer};
 
@@ -73,49 +73,6 @@ fn gateway_spec(device: &str, mode: PinMode, peers: Vec<RenderedPeer>) -> Pinned
             peers,
         }],
     }
-}
-
-/// A peer-side wireguard-go device using `key`, pointed at the gateway.
-fn peer_device(
-    ns: &str,
-    device: &str,
-    key: &SecretKey,
-    gateway_key: &str,
-    gateway: &str,
-    tunnel_ip: &str,
-) -> WireguardGo {
-    let wg = WireguardGo::start(ns, device);
-    let gateway_public = gateway_key.parse().expect("gateway key");
-    Uapi::default()
-        .set(
-            device,
-            &DeviceConfig {
-                private_key: Some(key.clone()),
-                listen_port: Some(40000),
-            },
-            &[PeerChange::add(&PeerConfig {
-                public_key: gateway_public,
-                preshared_key: None,
-                endpoint: Some(gateway.parse().expect("endpoint")),
-                persistent_keepalive: None,
-                allowed_ips: ["198.51.100.1/32".parse().expect("net")].into(),
-            })],
-        )
-        .expect("peer configured");
-    run(
-        "ip",
-        &[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{tunnel_ip}/24"),
-            "dev",
-            device,
-        ],
-    );
-    run("ip", &["-n", ns, "link", "set", device, "up"]);
-    wg
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -405,3 +405,47 @@ impl Drop for Lan {
         }
     }
 }
+
+/// A peer-side wireguard-go device using `key`, pointed at the gateway.
+pub fn peer_device(
+    ns: &str,
+    device: &str,
+    key: &wgpin_agent::wireguard::SecretKey,
+    gateway_key: &str,
+    gateway: &str,
+    tunnel_ip: &str,
+) -> WireguardGo {
+    use wgpin_agent::wireguard::{DeviceConfig, PeerChange, PeerConfig, Uapi};
+    let wg = WireguardGo::start(ns, device);
+    let gateway_public = gateway_key.parse().expect("gateway key");
+    Uapi::default()
+        .set(
+            device,
+            &DeviceConfig {
+                private_key: Some(key.clone()),
+                listen_port: Some(40000),
+            },
+            &[PeerChange::add(&PeerConfig {
+                public_key: gateway_public,
+                preshared_key: None,
+                endpoint: Some(gateway.parse().expect("endpoint")),
+                persistent_keepalive: None,
+                allowed_ips: ["198.51.100.1/32".parse().expect("net")].into(),
+            })],
+        )
+        .expect("peer configured");
+    run(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{tunnel_ip}/24"),
+            "dev",
+            device,
+        ],
+    );
+    run("ip", &["-n", ns, "link", "set", device, "up"]);
+    wg
+}
