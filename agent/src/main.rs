@@ -7,7 +7,7 @@ use wgpin_agent::{
     dataplane::DataPlaneConfig,
     fastpath::{BpfPaths, HookChoice, loader::DEFAULT_BPFFS_ROOT},
     manifests, standalone,
-    wireguard::Uapi,
+    wireguard::{Backend, Uapi},
 };
 use wgpin_crds::PinnedNodeState;
 use wgpin_operator::{NodeInfo, PortAssignments, render};
@@ -26,6 +26,13 @@ struct Cli {
 enum LogFormat {
     Human,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendChoice {
+    Auto,
+    Kernel,
+    Userspace,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -76,6 +83,10 @@ enum Command {
         /// Where the fast path's programs, links and maps are pinned.
         #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
         bpffs_root: PathBuf,
+        /// Which WireGuard: the kernel's, a userspace implementation, or the kernel's when it
+        /// has one.
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
         /// The userspace WireGuard to run for each device.
         #[arg(long, default_value = "wireguard-go")]
         wireguard_go: PathBuf,
@@ -130,6 +141,7 @@ fn main() -> ExitCode {
             hook,
             state_dir,
             bpffs_root,
+            backend,
             wireguard_go,
             secrets_dir,
             metrics_addr,
@@ -151,8 +163,13 @@ fn main() -> ExitCode {
                         Hook::Xdp => HookChoice::Xdp,
                         Hook::Tc => HookChoice::Tc,
                     },
-                    wireguard_go,
-                    uapi: Uapi::default(),
+                    backend: std::sync::Arc::new(match backend {
+                        BackendChoice::Auto => Backend::detect(Uapi::default(), wireguard_go),
+                        BackendChoice::Kernel => Backend::kernel(),
+                        BackendChoice::Userspace => {
+                            Backend::userspace(Uapi::default(), wireguard_go)
+                        }
+                    }),
                     secrets_dir,
                 },
                 metrics_addr,

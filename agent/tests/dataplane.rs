@@ -14,7 +14,7 @@ use support::{Lan, Receiver, in_netns, peer_device, send_udp, unique_id};
 use wgpin_agent::{
     dataplane::{DataPlane, DataPlaneConfig, NodeCapabilities, Writes},
     fastpath::{BpfPaths, HookChoice},
-    wireguard::{SecretKey, Uapi},
+    wireguard::{Backend, SecretKey, Uapi},
 };
 use wgpin_crds::{EnforcementState, PinMode, PinnedNodeStateSpec, RenderedInterface, RenderedPeer};
 
@@ -102,8 +102,7 @@ impl Gateway {
                 lan.gateway_if_attacker.clone(),
             ],
             hook: HookChoice::Auto,
-            wireguard_go: PathBuf::from("wireguard-go"),
-            uapi: Uapi::default(),
+            backend: std::sync::Arc::new(Backend::userspace(Uapi::default(), "wireguard-go")),
             secrets_dir: None,
         };
         let (commands, inbox) = std::sync::mpsc::channel::<Command>();

@@ -13,14 +13,14 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
-    process::Command,
+    sync::Arc,
     time::SystemTime,
 };
 
 use ipnet::IpNet;
 use wgpin_crds::{
     EnforcementState, InterfaceStatus, PeerEnforcementStatus, PinnedNodeStateSpec, ResolvedMode,
-    SecretKeySelector, WireGuardBackend, WireGuardKey,
+    SecretKeySelector, WireGuardKey,
     k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp},
 };
 
@@ -31,7 +31,8 @@ use super::{
 use crate::{
     fastpath::{Attachment, BpfPaths, FastPath, FastPathError, HookChoice, SlotTable},
     wireguard::{
-        DeviceConfig, DeviceState, PeerChange, SecretKey, Uapi, diff_peers, endpoints_outside_pins,
+        Backend, DeviceConfig, DeviceState, PeerChange, SecretKey, diff_peers,
+        endpoints_outside_pins,
     },
 };
 
@@ -44,9 +45,8 @@ pub struct DataPlaneConfig {
     /// Interfaces the fast path attaches to (where WireGuard's packets arrive).
     pub underlay: Vec<String>,
     pub hook: HookChoice,
-    /// The userspace WireGuard to start for each device.
-    pub wireguard_go: PathBuf,
-    pub uapi: Uapi,
+    /// Kernel WireGuard or a userspace implementation.
+    pub backend: Arc<Backend>,
     /// Standalone mode's stand-in for Secrets: `<dir>/<namespace>/<name>/<key>`.
     pub secrets_dir: Option<PathBuf>,
 }
@@ -94,7 +94,7 @@ pub struct Writes {
     pub links: usize,
 }
 
-/// The data plane of one node (userspace WireGuard).
+/// The data plane of one node.
 pub struct DataPlane {
     config: DataPlaneConfig,
     fast_path: FastPath,
@@ -187,7 +187,7 @@ impl DataPlane {
     }
 
     fn read_device(&self, device: &str) -> Option<DeviceState> {
-        self.config.uapi.get(device).ok()
+        self.config.backend.get(device).ok()
     }
 
     /// Applies `spec`. Returns the writes made; a second call with the same spec writes nothing.
@@ -231,9 +231,9 @@ impl DataPlane {
                 .collect();
             if !removals.is_empty() {
                 self.config
-                    .uapi
+                    .backend
                     .set(device, &DeviceConfig::default(), &removals)
-                    .map_err(|e| DataPlaneError::Setup(e.to_string()))?;
+                    .map_err(DataPlaneError::Setup)?;
                 writes.wireguard += removals.len();
             }
         }
@@ -272,8 +272,13 @@ impl DataPlane {
         // 3. Devices, then their peers.
         for device in plan.devices.iter() {
             let key = self.key(&device.interface)?;
-            if !self.config.uapi.exists(&device.device) {
-                self.start_device(&device.device)?;
+            if !self.config.backend.exists(&device.device) {
+                self.config
+                    .backend
+                    .create(&self.rtnl, &device.device)
+                    .await
+                    .map_err(DataPlaneError::Setup)?;
+                tracing::info!(device = %device.device, backend = ?self.config.backend.kind(), "created WireGuard device");
                 writes.links += 1;
             }
             self.book.devices.insert(device.device.clone());
@@ -294,9 +299,9 @@ impl DataPlane {
             let changes = diff_peers(&desired, &state, &pins);
             if settings != DeviceConfig::default() || !changes.is_empty() {
                 self.config
-                    .uapi
+                    .backend
                     .set(&device.device, &settings, &changes)
-                    .map_err(|e| DataPlaneError::Setup(e.to_string()))?;
+                    .map_err(DataPlaneError::Setup)?;
                 writes.wireguard +=
                     changes.len() + usize::from(settings != DeviceConfig::default());
             }
@@ -319,30 +324,6 @@ impl DataPlane {
         self.plan = plan;
         self.save()?;
         Ok(writes)
-    }
-
-    fn start_device(&self, device: &str) -> Result<(), DataPlaneError> {
-        // wireguard-go daemonizes once its UAPI socket is up, so it outlives the agent.
-        let output = Command::new(&self.config.wireguard_go)
-            .arg(device)
-            .env_remove("WG_PROCESS_FOREGROUND")
-            .output()
-            .map_err(|e| {
-                DataPlaneError::Setup(format!(
-                    "cannot run {}: {e}",
-                    self.config.wireguard_go.display()
-                ))
-            })?;
-        if !output.status.success() || !self.config.uapi.exists(device) {
-            return Err(DataPlaneError::Setup(format!(
-                "{} {device} did not start ({}): {}",
-                self.config.wireguard_go.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-        tracing::info!(device, "started userspace WireGuard");
-        Ok(())
     }
 
     /// Between reconciles: fail closed when the fast path is not verified, and evict peers
@@ -382,7 +363,7 @@ impl DataPlane {
                 let changes = [PeerChange::Remove(key), PeerChange::add(&peer.config)];
                 match self
                     .config
-                    .uapi
+                    .backend
                     .set(&device.device, &DeviceConfig::default(), &changes)
                 {
                     Ok(()) => report.evictions.push(Eviction {
@@ -409,7 +390,7 @@ impl DataPlane {
                 state.peers.keys().map(|k| PeerChange::Remove(*k)).collect();
             if let Err(e) = self
                 .config
-                .uapi
+                .backend
                 .set(device, &DeviceConfig::default(), &removals)
             {
                 tracing::error!(device, error = %e, "could not withdraw peers");
@@ -449,7 +430,7 @@ impl DataPlane {
                 InterfaceStatus {
                     name: name.clone(),
                     mode: Some(*mode),
-                    backend: Some(WireGuardBackend::Userspace),
+                    backend: Some(self.config.backend.kind()),
                     fast_path: Some(hook.clone()),
                     public_key: self.keys.get(name).map(|k| k.public_key().to_base64()),
                     peers: Vec::new(),

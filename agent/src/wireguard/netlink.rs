@@ -1,0 +1,606 @@
+//! Kernel WireGuard through generic netlink (the `wireguard` family): the same model as the
+//! UAPI backend, carried as `WG_CMD_GET_DEVICE` / `WG_CMD_SET_DEVICE` messages.
+//!
+//! The codec ([`set_messages`], [`device_from_replies`]) is pure and unit-tested; it splits a
+//! large change over several messages (a netlink message is bounded) without ever replacing a
+//! peer's allowed IPs twice. The client ([`Netlink`]) is a thin synchronous socket wrapper; it
+//! runs against kernel WireGuard in the kernel-VM tier.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_generic::{
+    GenlMessage,
+    ctrl::{GenlCtrl, GenlCtrlCmd, nlas::GenlCtrlAttrs},
+};
+use netlink_packet_wireguard::{
+    WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute,
+    WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_GENERIC};
+use wgpin_crds::WireGuardKey;
+
+use super::{
+    keys::SecretKey,
+    model::{DeviceConfig, DeviceState, PeerChange, PeerState},
+};
+
+/// Attribute bytes one message may carry; well under the kernel's limits (a netlink attribute
+/// length is 16 bits), leaving room for headers.
+pub const MESSAGE_BUDGET: usize = 32 * 1024;
+/// Encoded size of one allowed IP (nested attribute with family, address, mask), upper bound.
+const ALLOWED_IP_COST: usize = 4 + 8 + 20 + 8;
+/// Encoded size of a peer without allowed IPs, upper bound.
+const PEER_COST: usize = 4 + 36 + 36 + 8 + 32 + 8 + 4;
+
+/// A netlink exchange that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error(
+        "the kernel has no WireGuard (generic netlink family \"wireguard\" not found): load the wireguard module, or run a userspace implementation"
+    )]
+    NoWireGuard,
+    #[error("{interface}: the kernel refused the request: {message}")]
+    Refused { interface: String, message: String },
+    #[error("netlink: {0}")]
+    Io(String),
+}
+
+fn allowed_ip(net: &IpNet) -> WireguardAllowedIp {
+    let family = match net.addr() {
+        IpAddr::V4(_) => WireguardAddressFamily::Ipv4,
+        IpAddr::V6(_) => WireguardAddressFamily::Ipv6,
+    };
+    WireguardAllowedIp(vec![
+        WireguardAllowedIpAttr::Family(family),
+        WireguardAllowedIpAttr::IpAddr(net.addr()),
+        WireguardAllowedIpAttr::Cidr(net.prefix_len()),
+    ])
+}
+
+/// One peer's attributes, with its allowed IPs cut into chunks that fit the budget. The first
+/// chunk carries every field; later chunks only add allowed IPs (update-only, no replace).
+fn peer_chunks(change: &PeerChange) -> Vec<(usize, WireguardPeer)> {
+    let public_key = *change.public_key().as_bytes();
+    let PeerChange::Upsert {
+        update_only,
+        preshared_key,
+        endpoint,
+        persistent_keepalive,
+        allowed_ips,
+        ..
+    } = change
+    else {
+        return vec![(
+            PEER_COST,
+            WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(public_key),
+                WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
+            ]),
+        )];
+    };
+    let mut flags = WireguardPeerFlags::empty();
+    if *update_only {
+        flags |= WireguardPeerFlags::UpdateOnly;
+    }
+    if allowed_ips.is_some() {
+        flags |= WireguardPeerFlags::ReplaceAllowedIps;
+    }
+    let mut first = vec![
+        WireguardPeerAttribute::PublicKey(public_key),
+        WireguardPeerAttribute::Flags(flags),
+    ];
+    if let Some(key) = preshared_key {
+        first.push(WireguardPeerAttribute::PresharedKey(*key.as_bytes()));
+    }
+    if let Some(endpoint) = endpoint {
+        first.push(WireguardPeerAttribute::Endpoint(*endpoint));
+    }
+    if let Some(seconds) = persistent_keepalive {
+        first.push(WireguardPeerAttribute::PersistentKeepalive(*seconds));
+    }
+    let ips: Vec<WireguardAllowedIp> = allowed_ips.iter().flatten().map(allowed_ip).collect();
+    let per_chunk = (MESSAGE_BUDGET - PEER_COST) / ALLOWED_IP_COST;
+    let mut chunks = ips.chunks(per_chunk.max(1));
+    let mut out = Vec::new();
+    let head = chunks.next().map(<[_]>::to_vec).unwrap_or_default();
+    let head_cost = PEER_COST + head.len() * ALLOWED_IP_COST;
+    if !head.is_empty() || allowed_ips.is_some() {
+        first.push(WireguardPeerAttribute::AllowedIps(head));
+    }
+    out.push((head_cost, WireguardPeer(first)));
+    for chunk in chunks {
+        out.push((
+            PEER_COST + chunk.len() * ALLOWED_IP_COST,
+            WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(public_key),
+                WireguardPeerAttribute::Flags(WireguardPeerFlags::UpdateOnly),
+                WireguardPeerAttribute::AllowedIps(chunk.to_vec()),
+            ]),
+        ));
+    }
+    out
+}
+
+/// The `WG_CMD_SET_DEVICE` messages for `device` and `changes`, in order, each within
+/// [`MESSAGE_BUDGET`]. Device settings go in the first message only.
+pub fn set_messages(
+    interface: &str,
+    device: &DeviceConfig,
+    changes: &[PeerChange],
+) -> Vec<WireguardMessage> {
+    let new_message = || WireguardMessage {
+        cmd: WireguardCmd::SetDevice,
+        attributes: vec![WireguardAttribute::IfName(interface.to_string())],
+    };
+    let mut first = new_message();
+    if let Some(key) = &device.private_key {
+        first
+            .attributes
+            .push(WireguardAttribute::PrivateKey(*key.as_bytes()));
+    }
+    if let Some(port) = device.listen_port {
+        first.attributes.push(WireguardAttribute::ListenPort(port));
+    }
+    let mut messages = vec![first];
+    let mut peers: Vec<WireguardPeer> = Vec::new();
+    let mut used = 0;
+    for change in changes {
+        for (cost, peer) in peer_chunks(change) {
+            if used + cost > MESSAGE_BUDGET && !peers.is_empty() {
+                if let Some(last) = messages.last_mut() {
+                    last.attributes
+                        .push(WireguardAttribute::Peers(std::mem::take(&mut peers)));
+                }
+                messages.push(new_message());
+                used = 0;
+            }
+            used += cost;
+            peers.push(peer);
+        }
+    }
+    if !peers.is_empty()
+        && let Some(last) = messages.last_mut()
+    {
+        last.attributes.push(WireguardAttribute::Peers(peers));
+    }
+    messages
+}
+
+/// Folds the replies of a `WG_CMD_GET_DEVICE` dump into one device. The kernel splits a big
+/// device over several replies, continuing a peer's allowed IPs in the next one.
+pub fn device_from_replies(replies: &[WireguardMessage]) -> DeviceState {
+    let mut device = DeviceState::default();
+    for reply in replies {
+        for attribute in &reply.attributes {
+            match attribute {
+                WireguardAttribute::PublicKey(key) => {
+                    device.public_key = Some(WireGuardKey::from_bytes(*key))
+                }
+                WireguardAttribute::ListenPort(port) => device.listen_port = Some(*port),
+                WireguardAttribute::Fwmark(mark) => device.fwmark = Some(*mark),
+                WireguardAttribute::Peers(peers) => {
+                    for peer in peers {
+                        merge_peer(&mut device, peer);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    device
+}
+
+fn merge_peer(device: &mut DeviceState, peer: &WireguardPeer) {
+    let Some(key) = peer.0.iter().find_map(|a| match a {
+        WireguardPeerAttribute::PublicKey(key) => Some(WireGuardKey::from_bytes(*key)),
+        _ => None,
+    }) else {
+        return;
+    };
+    let state = device.peers.entry(key).or_insert_with(|| PeerState {
+        public_key: key,
+        preshared_key: None,
+        endpoint: None,
+        persistent_keepalive: None,
+        allowed_ips: BTreeSet::new(),
+        last_handshake: None,
+        rx_bytes: 0,
+        tx_bytes: 0,
+    });
+    for attribute in &peer.0 {
+        match attribute {
+            WireguardPeerAttribute::PresharedKey(key) => {
+                state.preshared_key = (*key != [0; 32]).then(|| SecretKey::from_bytes(*key));
+            }
+            WireguardPeerAttribute::Endpoint(endpoint) => state.endpoint = Some(*endpoint),
+            WireguardPeerAttribute::PersistentKeepalive(seconds) => {
+                state.persistent_keepalive = (*seconds != 0).then_some(*seconds);
+            }
+            WireguardPeerAttribute::LastHandshake(time) => {
+                state.last_handshake = (time.seconds > 0 || time.nano_seconds > 0).then(|| {
+                    UNIX_EPOCH
+                        + Duration::new(
+                            u64::try_from(time.seconds).unwrap_or_default(),
+                            u32::try_from(time.nano_seconds).unwrap_or_default(),
+                        )
+                });
+            }
+            WireguardPeerAttribute::RxBytes(bytes) => state.rx_bytes = *bytes,
+            WireguardPeerAttribute::TxBytes(bytes) => state.tx_bytes = *bytes,
+            WireguardPeerAttribute::AllowedIps(ips) => {
+                for ip in ips {
+                    let address = ip.0.iter().find_map(|a| match a {
+                        WireguardAllowedIpAttr::IpAddr(address) => Some(*address),
+                        _ => None,
+                    });
+                    let mask = ip.0.iter().find_map(|a| match a {
+                        WireguardAllowedIpAttr::Cidr(mask) => Some(*mask),
+                        _ => None,
+                    });
+                    if let (Some(address), Some(mask)) = (address, mask)
+                        && let Ok(net) = IpNet::new(address, mask)
+                    {
+                        state.allowed_ips.insert(net);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A synchronous generic-netlink client for kernel WireGuard.
+pub struct Netlink {
+    socket: Socket,
+    family: u16,
+    sequence: u32,
+}
+
+fn io(e: impl std::fmt::Display) -> NetlinkError {
+    NetlinkError::Io(e.to_string())
+}
+
+impl Netlink {
+    /// Opens a socket in the current network namespace and resolves the `wireguard` family.
+    pub fn connect() -> Result<Self, NetlinkError> {
+        let mut socket = Socket::new(NETLINK_GENERIC).map_err(io)?;
+        socket.bind_auto().map_err(io)?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(io)?;
+        socket.set_non_blocking(false).map_err(io)?;
+        let mut client = Self {
+            socket,
+            family: 0,
+            sequence: 0,
+        };
+        client.family = client.resolve_family()?;
+        Ok(client)
+    }
+
+    fn send<T>(&mut self, mut message: NetlinkMessage<T>) -> Result<u32, NetlinkError>
+    where
+        T: netlink_packet_core::NetlinkSerializable + std::fmt::Debug,
+    {
+        self.sequence = self.sequence.wrapping_add(1);
+        message.header.sequence_number = self.sequence;
+        message.finalize();
+        let mut buffer = vec![0; message.buffer_len()];
+        message.serialize(&mut buffer);
+        self.socket.send(&buffer, 0).map_err(io)?;
+        Ok(self.sequence)
+    }
+
+    /// Reads replies until DONE (for dumps) or the ACK; returns the payloads.
+    fn receive<T>(&mut self, interface: &str, dump: bool) -> Result<Vec<T>, NetlinkError>
+    where
+        T: netlink_packet_core::NetlinkDeserializable + std::fmt::Debug,
+    {
+        let mut out = Vec::new();
+        let mut buffer = vec![0u8; 256 * 1024];
+        loop {
+            let size = self.socket.recv(&mut &mut buffer[..], 0).map_err(io)?;
+            let mut offset = 0;
+            while offset < size {
+                let message: NetlinkMessage<T> =
+                    NetlinkMessage::deserialize(&buffer[offset..size]).map_err(io)?;
+                let length = message.header.length as usize;
+                match message.payload {
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    // An ACK (error code 0) ends a request; a dump ends with DONE instead.
+                    NetlinkPayload::Error(error) if error.code.is_none() && !dump => {
+                        return Ok(out);
+                    }
+                    NetlinkPayload::Error(error) if error.code.is_none() => {}
+                    NetlinkPayload::Error(error) => {
+                        return Err(NetlinkError::Refused {
+                            interface: interface.to_string(),
+                            message: error.to_io().to_string(),
+                        });
+                    }
+                    _ => {}
+                }
+                if length == 0 {
+                    break;
+                }
+                offset += length;
+            }
+        }
+    }
+
+    fn resolve_family(&mut self) -> Result<u16, NetlinkError> {
+        let mut request = GenlMessage::from_payload(GenlCtrl {
+            cmd: GenlCtrlCmd::GetFamily,
+            nlas: vec![GenlCtrlAttrs::FamilyName("wireguard".into())],
+        });
+        request.finalize();
+        let mut message = NetlinkMessage::from(request);
+        message.header.flags = NLM_F_REQUEST;
+        self.send(message)?;
+        let replies: Vec<GenlMessage<GenlCtrl>> = match self.receive("wireguard", false) {
+            Ok(replies) => replies,
+            Err(NetlinkError::Refused { .. }) => return Err(NetlinkError::NoWireGuard),
+            Err(e) => return Err(e),
+        };
+        replies
+            .iter()
+            .flat_map(|reply| reply.payload.nlas.iter())
+            .find_map(|nla| match nla {
+                GenlCtrlAttrs::FamilyId(id) => Some(*id),
+                _ => None,
+            })
+            .ok_or(NetlinkError::NoWireGuard)
+    }
+
+    /// Reads a device.
+    pub fn get(&mut self, interface: &str) -> Result<DeviceState, NetlinkError> {
+        let mut request = GenlMessage::from_payload(WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::IfName(interface.to_string())],
+        });
+        request.set_resolved_family_id(self.family);
+        request.finalize();
+        let mut message = NetlinkMessage::from(request);
+        message.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        self.send(message)?;
+        let replies: Vec<GenlMessage<WireguardMessage>> = self.receive(interface, true)?;
+        let payloads: Vec<WireguardMessage> = replies.into_iter().map(|r| r.payload).collect();
+        Ok(device_from_replies(&payloads))
+    }
+
+    /// Writes device settings and peer changes, message by message, each acknowledged. A failure
+    /// part-way leaves the earlier messages applied: the error says which one failed, and the
+    /// next reconcile reads back and finishes the job.
+    pub fn set(
+        &mut self,
+        interface: &str,
+        device: &DeviceConfig,
+        changes: &[PeerChange],
+    ) -> Result<(), NetlinkError> {
+        let messages = set_messages(interface, device, changes);
+        let total = messages.len();
+        for (index, payload) in messages.into_iter().enumerate() {
+            let mut request = GenlMessage::from_payload(payload);
+            request.set_resolved_family_id(self.family);
+            request.finalize();
+            let mut message = NetlinkMessage::from(request);
+            message.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+            self.send(message)?;
+            let _: Vec<GenlMessage<WireguardMessage>> =
+                self.receive(interface, false).map_err(|e| match e {
+                    NetlinkError::Refused { interface, message } => NetlinkError::Refused {
+                        interface,
+                        message: format!("message {} of {total}: {message}", index + 1),
+                    },
+                    other => other,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::{Emitable as _, ParseableParametrized as _};
+    use netlink_packet_generic::GenlHeader;
+
+    use super::*;
+
+    fn key(n: u16) -> WireGuardKey {
+        let mut bytes = [0xa5; 32];
+        bytes[..2].copy_from_slice(&n.to_be_bytes());
+        WireGuardKey::from_bytes(bytes)
+    }
+
+    fn nets(count: usize) -> BTreeSet<IpNet> {
+        (0..count)
+            .map(|i| {
+                IpNet::new(
+                    IpAddr::from([10u8, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+                    32,
+                )
+                .expect("net")
+            })
+            .collect()
+    }
+
+    fn upsert(n: u16, allowed: usize) -> PeerChange {
+        PeerChange::Upsert {
+            public_key: key(n),
+            update_only: false,
+            preshared_key: Some(SecretKey::from_bytes([9; 32])),
+            endpoint: Some("[fd00::2]:51820".parse().expect("addr")),
+            persistent_keepalive: Some(25),
+            allowed_ips: Some(nets(allowed)),
+        }
+    }
+
+    /// Emits and parses back, as the kernel would receive it.
+    fn round_trip(message: &WireguardMessage) -> (usize, WireguardMessage) {
+        let mut buffer = vec![0u8; message.buffer_len()];
+        message.emit(&mut buffer);
+        let header = GenlHeader {
+            cmd: message.cmd.into(),
+            version: 1,
+        };
+        (
+            buffer.len(),
+            WireguardMessage::parse_with_param(&buffer[..], header).expect("parses"),
+        )
+    }
+
+    #[test]
+    fn a_small_change_is_one_message_with_every_field() {
+        let messages = set_messages(
+            "wg0",
+            &DeviceConfig {
+                private_key: Some(SecretKey::from_bytes([1; 32])),
+                listen_port: Some(51820),
+            },
+            &[PeerChange::Remove(key(7)), upsert(2, 2)],
+        );
+        assert_eq!(messages.len(), 1);
+        let (_, parsed) = round_trip(&messages[0]);
+        assert_eq!(parsed, messages[0]);
+        assert_eq!(
+            parsed.attributes[0],
+            WireguardAttribute::IfName("wg0".into())
+        );
+        assert!(
+            parsed
+                .attributes
+                .contains(&WireguardAttribute::ListenPort(51820))
+        );
+        let WireguardAttribute::Peers(peers) = &parsed.attributes[3] else {
+            panic!("peers last: {parsed:?}")
+        };
+        assert!(
+            peers[0]
+                .0
+                .contains(&WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe))
+        );
+        assert!(peers[1].0.contains(&WireguardPeerAttribute::Flags(
+            WireguardPeerFlags::ReplaceAllowedIps
+        )));
+        assert!(
+            peers[1]
+                .0
+                .contains(&WireguardPeerAttribute::PersistentKeepalive(25))
+        );
+    }
+
+    #[test]
+    fn a_large_change_is_split_without_replacing_twice() {
+        let changes: Vec<PeerChange> = (0..300)
+            .map(|n| upsert(n, 10))
+            .chain([upsert(1000, 5000)])
+            .collect();
+        let messages = set_messages("wg0", &DeviceConfig::default(), &changes);
+        assert!(messages.len() > 2, "{} messages", messages.len());
+        let mut replaced = BTreeSet::new();
+        let mut allowed: std::collections::BTreeMap<[u8; 32], usize> = Default::default();
+        for message in &messages {
+            let (size, parsed) = round_trip(message);
+            assert!(size <= MESSAGE_BUDGET + 64, "message of {size} bytes");
+            for attribute in &parsed.attributes {
+                let WireguardAttribute::Peers(peers) = attribute else {
+                    continue;
+                };
+                for peer in peers {
+                    let public = peer.0.iter().find_map(|a| match a {
+                        WireguardPeerAttribute::PublicKey(k) => Some(*k),
+                        _ => None,
+                    });
+                    let public = public.expect("every chunk names its peer");
+                    for a in &peer.0 {
+                        match a {
+                            WireguardPeerAttribute::Flags(f)
+                                if f.contains(WireguardPeerFlags::ReplaceAllowedIps) =>
+                            {
+                                assert!(replaced.insert(public), "replaced twice");
+                            }
+                            WireguardPeerAttribute::AllowedIps(ips) => {
+                                *allowed.entry(public).or_default() += ips.len()
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            allowed[key(1000).as_bytes()],
+            5000,
+            "every allowed IP of the big peer, over several chunks"
+        );
+        assert_eq!(allowed[key(1).as_bytes()], 10);
+        assert_eq!(allowed.len(), 301, "every peer");
+    }
+
+    #[test]
+    fn replies_fold_into_one_device() {
+        let peer = |ips: &[&str]| {
+            WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(*key(3).as_bytes()),
+                WireguardPeerAttribute::Endpoint("192.0.2.2:40000".parse().expect("addr")),
+                WireguardPeerAttribute::LastHandshake(
+                    netlink_packet_wireguard::WireguardTimeSpec {
+                        seconds: 1_700_000_000,
+                        nano_seconds: 0,
+                    },
+                ),
+                WireguardPeerAttribute::RxBytes(5),
+                WireguardPeerAttribute::AllowedIps(
+                    ips.iter()
+                        .map(|s| allowed_ip(&s.parse().expect("net")))
+                        .collect(),
+                ),
+            ])
+        };
+        let replies = [
+            WireguardMessage {
+                cmd: WireguardCmd::GetDevice,
+                attributes: vec![
+                    WireguardAttribute::PublicKey(*key(1).as_bytes()),
+                    WireguardAttribute::ListenPort(51820),
+                    WireguardAttribute::Peers(vec![peer(&["198.51.100.2/32"])]),
+                ],
+            },
+            WireguardMessage {
+                cmd: WireguardCmd::GetDevice,
+                attributes: vec![WireguardAttribute::Peers(vec![peer(&["fd00:99::2/128"])])],
+            },
+        ];
+        let device = device_from_replies(&replies);
+        assert_eq!(device.listen_port, Some(51820));
+        assert_eq!(device.public_key, Some(key(1)));
+        let state = &device.peers[&key(3)];
+        assert_eq!(state.allowed_ips.len(), 2, "continued in the second reply");
+        assert_eq!(
+            state.last_handshake,
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(
+            state.endpoint,
+            Some("192.0.2.2:40000".parse().expect("addr"))
+        );
+    }
+
+    /// The non-WireGuard half runs here: the family lookup answers, and on a kernel without
+    /// WireGuard (this host) the error says what to do.
+    #[test]
+    fn family_lookup_reports_a_kernel_without_wireguard() {
+        match Netlink::connect() {
+            Ok(_) => {} // a kernel with WireGuard: the kernel-VM tier covers it.
+            Err(e) => {
+                assert!(matches!(e, NetlinkError::NoWireGuard), "{e}");
+                assert!(e.to_string().contains("load the wireguard module"), "{e}");
+            }
+        }
+    }
+}
