@@ -229,5 +229,25 @@ fn kill_9_and_restart_lose_no_packet_and_drift_is_repaired() {
     wait_for("the drift report", Duration::from_secs(5), || {
         agent.log().contains("configuration drift repaired")
     });
+
+    // An invalid file is named with its object and field; what was valid stays enforced.
+    std::fs::write(
+        dir.join("typo.yaml"),
+        "apiVersion: wgpin.io/v1alpha1\nkind: PinnedPeer\nmetadata: {name: open}\n\
+         spec: {interface: gateway, publicKey: \"TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=\", allowedIPs: [198.51.100.7/32], sources: [0.0.0.0/0]}\n",
+    )
+    .expect("write invalid manifest");
+    wait_for("the error about typo.yaml", Duration::from_secs(5), || {
+        let log = agent.log();
+        log.contains("typo.yaml (document 1) PinnedPeer/open")
+            && log.contains("spec.sources: sources contains a catch-all prefix")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let peers = uapi.get(&device).expect("device").peers;
+    assert_eq!(
+        peers.keys().copied().collect::<Vec<_>>(),
+        [laptop.public_key()],
+        "the laptop stays, the invalid peer never comes"
+    );
     agent.kill_9();
 }
