@@ -1,6 +1,6 @@
 //! `wgpin-agent`: the node agent's command line.
 
-use std::{collections::BTreeMap, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use wgpin_agent::{
@@ -43,34 +43,43 @@ enum Hook {
     Tc,
 }
 
+/// The manifests and the node they are read for.
+#[derive(clap::Args)]
+struct ManifestArgs {
+    /// Directory with PinnedInterface and PinnedPeer manifests (read recursively).
+    #[arg(long)]
+    dir: PathBuf,
+    /// This node's name.
+    #[arg(long, default_value = "localhost")]
+    node: String,
+    /// A label of this node, for the interfaces' and peers' node selectors (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+impl ManifestArgs {
+    fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.node.clone(),
+            labels: self.labels.iter().cloned().collect(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate the manifests in a directory and print the PinnedNodeState this node would
     /// enforce, without changing anything. Exits 1 when an object is invalid or left out.
     Render {
-        /// Directory with PinnedInterface and PinnedPeer manifests (read recursively).
-        #[arg(long)]
-        dir: PathBuf,
-        /// This node's name.
-        #[arg(long, default_value = "localhost")]
-        node: String,
-        /// A label of this node, for the interfaces' and peers' node selectors (repeatable).
-        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        manifests: ManifestArgs,
     },
     /// Enforce the manifests in a directory on this host, without Kubernetes: the fast path on
-    /// the underlay interfaces, then userspace WireGuard. Re-reads the directory when it
-    /// changes. Stopping leaves enforcement in place; the next start adopts it.
+    /// the underlay interfaces, then WireGuard. Re-reads the directory when it changes.
+    /// Stopping leaves enforcement in place; the next start adopts it.
     Standalone {
-        /// Directory with PinnedInterface and PinnedPeer manifests (read recursively).
-        #[arg(long)]
-        dir: PathBuf,
-        /// This node's name.
-        #[arg(long, default_value = "localhost")]
-        node: String,
-        /// A label of this node (repeatable).
-        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        manifests: ManifestArgs,
         /// An interface WireGuard's packets arrive on; the fast path attaches there (repeatable).
         #[arg(long = "underlay", required = true)]
         underlay: Vec<String>,
@@ -132,11 +141,9 @@ fn main() -> ExitCode {
             .init(),
     }
     match cli.command {
-        Command::Render { dir, node, labels } => render_command(dir, node, labels),
+        Command::Render { manifests } => render_command(&manifests),
         Command::Standalone {
-            dir,
-            node,
-            labels,
+            manifests,
             underlay,
             hook,
             state_dir,
@@ -149,11 +156,8 @@ fn main() -> ExitCode {
             resync_interval_ms,
         } => {
             let config = standalone::StandaloneConfig {
-                dir,
-                node: NodeInfo {
-                    name: node,
-                    labels: labels.into_iter().collect(),
-                },
+                node: manifests.node_info(),
+                dir: manifests.dir,
                 dataplane: DataPlaneConfig {
                     state_dir,
                     bpffs: BpfPaths::new(bpffs_root),
@@ -214,8 +218,9 @@ fn standalone_command(config: standalone::StandaloneConfig) -> ExitCode {
     }
 }
 
-fn render_command(dir: PathBuf, node: String, labels: Vec<(String, String)>) -> ExitCode {
-    let (objects, errors) = match manifests::load_dir(&dir) {
+fn render_command(args: &ManifestArgs) -> ExitCode {
+    let (dir, node) = (&args.dir, &args.node);
+    let (objects, errors) = match manifests::load_dir(dir) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("error: {e}");
@@ -225,14 +230,10 @@ fn render_command(dir: PathBuf, node: String, labels: Vec<(String, String)>) -> 
     for error in &errors {
         eprintln!("error: {error}");
     }
-    let this_node = NodeInfo {
-        name: node.clone(),
-        labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
-    };
     let rendered = render(
         &objects.interfaces,
         &objects.peers,
-        &[this_node],
+        &[args.node_info()],
         &PortAssignments::new(),
     );
     for problem in &rendered.problems {
@@ -246,9 +247,9 @@ fn render_command(dir: PathBuf, node: String, labels: Vec<(String, String)>) -> 
         errors.len(),
         rendered.problems.len()
     );
-    match rendered.nodes.get(&node) {
+    match rendered.nodes.get(node) {
         Some(spec) => {
-            let state = PinnedNodeState::new(&node, spec.clone());
+            let state = PinnedNodeState::new(node, spec.clone());
             match serde_saphyr::to_string(&state) {
                 Ok(yaml) => print!("{yaml}"),
                 Err(e) => {

@@ -50,6 +50,20 @@ impl Drop for TestRoot {
     }
 }
 
+/// Loads the fast path under `root` and attaches it to the server end of `pair`.
+fn attached(
+    pair: &Pair,
+    root: &TestRoot,
+    choice: HookChoice,
+) -> (FastPath, wgpin_agent::fastpath::Attachment) {
+    let (paths, interface) = (root.paths(), pair.server_if.clone());
+    in_netns(&pair.server_ns, move || {
+        let mut fast_path = FastPath::open(paths).expect("fast path loads");
+        let attachment = fast_path.attach(&interface, choice).expect("attaches");
+        (fast_path, attachment)
+    })
+}
+
 fn pin(port: u16, prefix: &str) -> PinKey {
     PinKey {
         port,
@@ -116,18 +130,9 @@ const V6_FRAME: u64 = 14 + 40 + 8 + 100;
 fn allowlist_on_real_packets(choice: HookChoice, expected_hook: Hook) {
     let pair = Pair::new();
     let root = TestRoot::new();
-    let (server_ns, client_ns, interface) = (
-        pair.server_ns.clone(),
-        pair.client_ns.clone(),
-        pair.server_if.clone(),
-    );
-    let paths = root.paths();
-    let mut fast_path = in_netns(&server_ns, move || {
-        let mut fast_path = FastPath::open(paths).expect("fast path loads");
-        let attachment = fast_path.attach(&interface, choice).expect("attaches");
-        assert_eq!(attachment.hook, expected_hook, "{attachment:?}");
-        fast_path
-    });
+    let (server_ns, client_ns) = (pair.server_ns.clone(), pair.client_ns.clone());
+    let (mut fast_path, attachment) = attached(&pair, &root, choice);
+    assert_eq!(attachment.hook, expected_hook, "{attachment:?}");
     let desired = state(
         &[(40001, 0, 7), (40002, 1, NO_PEER)],
         &[
@@ -429,19 +434,8 @@ fn program_verdicts_on_crafted_frames() {
 fn event_rate_limit_holds_under_a_burst() {
     let pair = Pair::new();
     let root = TestRoot::new();
-    let (server_ns, client_ns, interface) = (
-        pair.server_ns.clone(),
-        pair.client_ns.clone(),
-        pair.server_if.clone(),
-    );
-    let paths = root.paths();
-    let mut fast_path = in_netns(&server_ns, move || {
-        let mut fast_path = FastPath::open(paths).expect("fast path loads");
-        fast_path
-            .attach(&interface, HookChoice::Auto)
-            .expect("attaches");
-        fast_path
-    });
+    let client_ns = pair.client_ns.clone();
+    let (mut fast_path, _) = attached(&pair, &root, HookChoice::Auto);
     fast_path
         .apply(&state(&[(40001, 0, 0)], &[(40001, "192.0.2.2/32", 0)]))
         .expect("maps written");
@@ -485,19 +479,8 @@ fn a_fragmented_datagram_from_an_unpinned_source_is_never_reassembled() {
     let pair = Pair::new();
     pair.mtu(1280);
     let root = TestRoot::new();
-    let (server_ns, client_ns, interface) = (
-        pair.server_ns.clone(),
-        pair.client_ns.clone(),
-        pair.server_if.clone(),
-    );
-    let paths = root.paths();
-    let mut fast_path = in_netns(&server_ns, move || {
-        let mut fast_path = FastPath::open(paths).expect("fast path loads");
-        fast_path
-            .attach(&interface, HookChoice::Auto)
-            .expect("attaches");
-        fast_path
-    });
+    let (server_ns, client_ns) = (pair.server_ns.clone(), pair.client_ns.clone());
+    let (mut fast_path, _) = attached(&pair, &root, HookChoice::Auto);
     fast_path
         .apply(&state(
             &[(40001, 0, 0)],
@@ -714,15 +697,7 @@ fn another_xdp_owner_means_tc_with_a_reason() {
 fn changing_pins_under_traffic_drops_no_valid_packet() {
     let pair = Pair::new();
     let root = TestRoot::new();
-    let (server_ns, interface) = (pair.server_ns.clone(), pair.server_if.clone());
-    let paths = root.paths();
-    let mut fast_path = in_netns(&server_ns, move || {
-        let mut fast_path = FastPath::open(paths).expect("fast path loads");
-        fast_path
-            .attach(&interface, HookChoice::Auto)
-            .expect("attaches");
-        fast_path
-    });
+    let (mut fast_path, _) = attached(&pair, &root, HookChoice::Auto);
     let wide = state(&[(40001, 0, NO_PEER)], &[(40001, "192.0.2.0/24", 1)]);
     let narrow = state(
         &[(40001, 0, NO_PEER)],

@@ -114,11 +114,9 @@ pub fn plan_node(
                     mode,
                 });
             }
-            Err(reason) => plan.problems.push(Unenforceable {
-                interface: interface.name.clone(),
-                peer: None,
-                reason,
-            }),
+            Err(reason) => plan
+                .problems
+                .push(Unenforceable::new(&interface.name, None, reason)),
         }
     }
     let (fast_path, problems) = desired_state(&runnable, slots);
@@ -148,11 +146,11 @@ pub fn plan_node(
                 Ok(spec) => peers.push((peer, spec)),
                 Err(reason) => {
                     // Its pin may already be in the fast path; without WireGuard it is harmless.
-                    plan.problems.push(Unenforceable {
-                        interface: interface.name.clone(),
-                        peer: Some(peer.name.clone()),
+                    plan.problems.push(Unenforceable::new(
+                        &interface.name,
+                        Some(&peer.name),
                         reason,
-                    })
+                    ))
                 }
             }
         }

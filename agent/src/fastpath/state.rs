@@ -116,6 +116,16 @@ pub struct Unenforceable {
     pub reason: String,
 }
 
+impl Unenforceable {
+    pub fn new(interface: &str, peer: Option<&str>, reason: impl Into<String>) -> Self {
+        Self {
+            interface: interface.to_string(),
+            peer: peer.map(str::to_string),
+            reason: reason.into(),
+        }
+    }
+}
+
 impl fmt::Display for Unenforceable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.peer {
@@ -146,13 +156,11 @@ pub fn desired_state(
      -> bool {
         match port_owner.get(&port) {
             Some(owner) if owner != interface => {
-                problems.push(Unenforceable {
-                    interface: interface.to_string(),
-                    peer: peer.map(str::to_string),
-                    reason: format!(
-                        "UDP port {port} is already used by interface {owner:?} on this node"
-                    ),
-                });
+                problems.push(Unenforceable::new(
+                    interface,
+                    peer,
+                    format!("UDP port {port} is already used by interface {owner:?} on this node"),
+                ));
                 false
             }
             _ => {
@@ -168,11 +176,8 @@ pub fn desired_state(
         match interface.mode {
             ResolvedMode::Dedicated => {
                 for peer in &rendered.peers {
-                    let unenforceable = |reason: String| Unenforceable {
-                        interface: name.to_string(),
-                        peer: Some(peer.name.clone()),
-                        reason,
-                    };
+                    let unenforceable =
+                        |reason: String| Unenforceable::new(name, Some(&peer.name), reason);
                     let Some(port) = peer.dedicated_port else {
                         problems.push(unenforceable(
                             "has no dedicated port (the interface's port range is full)".into(),
@@ -215,32 +220,26 @@ pub fn desired_state(
                     continue;
                 }
                 let Some(port_slot) = slots.port(port) else {
-                    problems.push(Unenforceable {
-                        interface: name.to_string(),
-                        peer: None,
-                        reason: "no counter slot left on this node".into(),
-                    });
+                    problems.push(Unenforceable::new(
+                        name,
+                        None,
+                        "no counter slot left on this node",
+                    ));
                     continue;
                 };
                 let mut pins: BTreeMap<PinKey, AllowEntry> = BTreeMap::new();
                 for peer in &rendered.peers {
+                    let unenforceable =
+                        |reason: String| Unenforceable::new(name, Some(&peer.name), reason);
                     let prefixes = match parse_sources(&peer.sources) {
                         Ok(prefixes) => prefixes,
                         Err(reason) => {
-                            problems.push(Unenforceable {
-                                interface: name.to_string(),
-                                peer: Some(peer.name.clone()),
-                                reason,
-                            });
+                            problems.push(unenforceable(reason));
                             continue;
                         }
                     };
                     let Some(peer_slot) = slots.peer(&peer.name) else {
-                        problems.push(Unenforceable {
-                            interface: name.to_string(),
-                            peer: Some(peer.name.clone()),
-                            reason: "no counter slot left on this node".into(),
-                        });
+                        problems.push(unenforceable("no counter slot left on this node".into()));
                         continue;
                     };
                     for prefix in prefixes {

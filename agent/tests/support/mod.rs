@@ -86,59 +86,16 @@ impl Pair {
             server_if: format!("wp{id}s"),
             client_if: format!("wp{id}c"),
         };
-        run("ip", &["netns", "add", &pair.server_ns]);
-        run("ip", &["netns", "add", &pair.client_ns]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &pair.server_ns,
-                "link",
-                "add",
-                &pair.server_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &pair.client_if,
-                "netns",
-                &pair.client_ns,
-            ],
+        add_namespaces(&[&pair.server_ns, &pair.client_ns]);
+        let addresses = |hosts: std::ops::RangeInclusive<u8>| -> Vec<String> {
+            hosts
+                .flat_map(|h| [format!("192.0.2.{h}/24"), format!("fd00:2::{h}/64")])
+                .collect()
+        };
+        veth(
+            (&pair.server_ns, &pair.server_if, &addresses(1..=1)),
+            (&pair.client_ns, &pair.client_if, &addresses(2..=6)),
         );
-        for (ns, dev, hosts) in [
-            (&pair.server_ns, &pair.server_if, 1..=1),
-            (&pair.client_ns, &pair.client_if, 2..=6),
-        ] {
-            for host in hosts {
-                run(
-                    "ip",
-                    &[
-                        "-n",
-                        ns,
-                        "addr",
-                        "add",
-                        &format!("192.0.2.{host}/24"),
-                        "dev",
-                        dev,
-                    ],
-                );
-                run(
-                    "ip",
-                    &[
-                        "-n",
-                        ns,
-                        "addr",
-                        "add",
-                        &format!("fd00:2::{host}/64"),
-                        "dev",
-                        dev,
-                        "nodad",
-                    ],
-                );
-            }
-            run("ip", &["-n", ns, "link", "set", dev, "up"]);
-            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
-        }
         // Static neighbours, so that a burst is not queued behind address resolution.
         let server_mac = mac(&pair.server_ns, &pair.server_if);
         for ip in [SERVER_V4, SERVER_V6] {
@@ -200,10 +157,43 @@ impl Default for Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        // Deleting a namespace deletes its veth end, and with it the peer.
-        for ns in [&self.server_ns, &self.client_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        delete_namespaces(&[&self.server_ns, &self.client_ns]);
+    }
+}
+
+/// Creates network namespaces, loopback up.
+fn add_namespaces(names: &[&str]) {
+    for ns in names {
+        run("ip", &["netns", "add", ns]);
+        run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+    }
+}
+
+/// Deletes network namespaces; a namespace's veth ends go with it, and their peers too.
+fn delete_namespaces(names: &[&str]) {
+    for ns in names {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    }
+}
+
+/// A veth pair between two namespaces, both ends up with their addresses (IPv6 without
+/// duplicate address detection, so they are usable at once).
+fn veth(a: (&str, &str, &[String]), b: (&str, &str, &[String])) {
+    run(
+        "ip",
+        &[
+            "-n", a.0, "link", "add", a.1, "type", "veth", "peer", "name", b.1, "netns", b.0,
+        ],
+    );
+    for (ns, dev, addresses) in [a, b] {
+        for address in addresses {
+            let mut args = vec!["-n", ns, "addr", "add", address.as_str(), "dev", dev];
+            if address.contains(':') {
+                args.push("nodad");
+            }
+            run("ip", &args);
         }
+        run("ip", &["-n", ns, "link", "set", dev, "up"]);
     }
 }
 
@@ -336,10 +326,7 @@ impl Lan {
             gateway_if_client: format!("wl{id}c"),
             gateway_if_attacker: format!("wl{id}a"),
         };
-        for ns in [&lan.gateway_ns, &lan.client_ns, &lan.attacker_ns] {
-            run("ip", &["netns", "add", ns]);
-            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
-        }
+        add_namespaces(&[&lan.gateway_ns, &lan.client_ns, &lan.attacker_ns]);
         for (gateway_if, peer_ns, gateway_ip, peer_ip) in [
             (
                 &lan.gateway_if_client,
@@ -354,45 +341,10 @@ impl Lan {
                 "192.0.2.130/25",
             ),
         ] {
-            let peer_if = format!("{gateway_if}p");
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &lan.gateway_ns,
-                    "link",
-                    "add",
-                    gateway_if,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &peer_if,
-                    "netns",
-                    peer_ns,
-                ],
+            veth(
+                (&lan.gateway_ns, gateway_if, &[gateway_ip.to_string()]),
+                (peer_ns, &format!("{gateway_if}p"), &[peer_ip.to_string()]),
             );
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &lan.gateway_ns,
-                    "addr",
-                    "add",
-                    gateway_ip,
-                    "dev",
-                    gateway_if,
-                ],
-            );
-            run(
-                "ip",
-                &["-n", &lan.gateway_ns, "link", "set", gateway_if, "up"],
-            );
-            run(
-                "ip",
-                &["-n", peer_ns, "addr", "add", peer_ip, "dev", &peer_if],
-            );
-            run("ip", &["-n", peer_ns, "link", "set", &peer_if, "up"]);
         }
         lan
     }
@@ -400,9 +352,7 @@ impl Lan {
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        for ns in [&self.gateway_ns, &self.client_ns, &self.attacker_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+        delete_namespaces(&[&self.gateway_ns, &self.client_ns, &self.attacker_ns]);
     }
 }
 
