@@ -815,3 +815,43 @@ fn replacing_the_program_leaves_no_window() {
         );
     }
 }
+
+/// A flood from ever new sources (the attack the per-source rate limit cannot stop) produces
+/// exactly the per-CPU budget of events a second; the rest are counted and cost no map insert.
+#[test]
+fn a_flood_from_ever_new_sources_stays_within_the_event_budget() {
+    let root = TestRoot::new();
+    let mut fast_path = FastPath::open(root.paths()).expect("fast path loads");
+    fast_path
+        .apply(&state(
+            &[(40001, 0, NO_PEER)],
+            &[(40001, "fd00:40::/48", 1)],
+        ))
+        .expect("maps written");
+    fast_path.set_event_budget(100).expect("budget set");
+    const FLOOD: u32 = 3_000;
+    let destination = [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    for n in 0..FLOOD {
+        let mut source = [0xfd, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        source[12..].copy_from_slice(&n.to_be_bytes());
+        let frame = Frame::udp(Ip::V6(source, destination), 5000, 40001).bytes();
+        let (verdict, _) = fast_path.test_run(Hook::Xdp, &frame, 1).expect("test run");
+        assert_eq!(verdict, XDP_DROP);
+    }
+    let events = fast_path.drain_violations();
+    let global = fast_path.global_counters().expect("global counters");
+    assert_eq!(events.len(), 100, "one window's budget of events");
+    assert_eq!(
+        (global.events_sent, global.events_rate_limited),
+        (100, u64::from(FLOOD) - 100)
+    );
+    assert_eq!(
+        fast_path
+            .port_counters(0)
+            .expect("counters")
+            .dropped_packets,
+        u64::from(FLOOD),
+        "every packet is dropped and counted"
+    );
+    fast_path.remove_all().expect("clean up");
+}

@@ -6,10 +6,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use wgpin_common::{
-    AllowEntry, AllowV4, AllowV6, Config, Counters, DEFAULT_EVENT_INTERVAL_NS, FAMILY_V4,
-    GlobalCounters, MAX_PEER_SLOTS, MAX_PORT_SLOTS, MAX_PORTS, MAX_PREFIXES, MAX_RATE_SOURCES,
-    NO_PEER, Packet, Parsed, PortEntry, PortKey, RateState, SourceKey, VIOLATIONS_BYTES,
-    ViolationEvent, allow_prefix_len, parse, parse::Udp,
+    AllowEntry, AllowV4, AllowV6, Config, Counters, DEFAULT_EVENT_INTERVAL_NS,
+    DEFAULT_EVENTS_PER_CPU_PER_SECOND, EventBudget, FAMILY_V4, GlobalCounters, MAX_PEER_SLOTS,
+    MAX_PORT_SLOTS, MAX_PORTS, MAX_PREFIXES, MAX_RATE_SOURCES, NO_PEER, Packet, Parsed, PortEntry,
+    PortKey, RateState, SourceKey, VIOLATIONS_BYTES, ViolationEvent, allow_prefix_len, parse,
+    parse::Udp,
 };
 
 // Every map is pinned by name, so a restarted or upgraded agent reuses it (and its contents).
@@ -31,6 +32,8 @@ static VIOLATIONS: RingBuf = RingBuf::pinned(VIOLATIONS_BYTES, 0);
 static RATE_LIMIT: LruHashMap<SourceKey, RateState> = LruHashMap::pinned(MAX_RATE_SOURCES, 0);
 #[map(name = "WGPIN_CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map(name = "WGPIN_EVENT_BUDGET")]
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 
 /// Bytes of headers the TC program makes linear before parsing (Ethernet, VLANs, IPv6 with
 /// extension headers, UDP ports).
@@ -195,10 +198,32 @@ fn bump_global(field: fn(&mut GlobalCounters) -> &mut u64) {
 fn report(udp: &Udp, port: &PortEntry, len: u32) {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let interval = match CONFIG.get(0) {
-        Some(config) if config.event_interval_ns != 0 => config.event_interval_ns,
-        _ => DEFAULT_EVENT_INTERVAL_NS,
+    let config = CONFIG.get(0).copied().unwrap_or_default();
+    let interval = if config.event_interval_ns != 0 {
+        config.event_interval_ns
+    } else {
+        DEFAULT_EVENT_INTERVAL_NS
     };
+    let budget = if config.events_per_cpu_per_second != 0 {
+        config.events_per_cpu_per_second
+    } else {
+        DEFAULT_EVENTS_PER_CPU_PER_SECOND
+    };
+    // A per-CPU budget first: past it, a flood from ever new sources costs a counter increment
+    // per packet instead of an insert into the (shared, locked) per-source map.
+    if let Some(window) = EVENT_BUDGET.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        let window = unsafe { &mut *window };
+        if now.wrapping_sub(window.window_start_ns) >= 1_000_000_000 {
+            window.window_start_ns = now;
+            window.used = 0;
+        }
+        if window.used >= budget {
+            bump_global(|g| &mut g.events_rate_limited);
+            return;
+        }
+        window.used += 1;
+    }
     let source = SourceKey {
         addr: udp.src,
         family: udp.family,

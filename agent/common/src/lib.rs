@@ -33,9 +33,13 @@ pub mod maps {
     pub const RATE_LIMIT: &str = "WGPIN_RATE_LIMIT";
     /// Settings written by the agent ([`super::Config`]), one entry.
     pub const CONFIG: &str = "WGPIN_CONFIG";
+    /// Per-CPU budget of violation events per second ([`super::EventBudget`]), one entry:
+    /// checked before the per-source rate limit, so a flood from many sources costs a counter
+    /// increment per packet, not a map insert.
+    pub const EVENT_BUDGET: &str = "WGPIN_EVENT_BUDGET";
 
     /// Every pinned map, for the loader's checks.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         PORTS,
         ALLOW_V4,
         ALLOW_V6,
@@ -45,6 +49,7 @@ pub mod maps {
         VIOLATIONS,
         RATE_LIMIT,
         CONFIG,
+        EVENT_BUDGET,
     ];
 }
 
@@ -68,6 +73,9 @@ pub const MAX_RATE_SOURCES: u32 = 65_536;
 pub const VIOLATIONS_BYTES: u32 = 256 * 1024;
 /// Default interval between two events for the same source.
 pub const DEFAULT_EVENT_INTERVAL_NS: u64 = 1_000_000_000;
+/// Default number of violations per CPU per second that may reach the per-source rate limit
+/// (and so the ring buffer); the rest are only counted.
+pub const DEFAULT_EVENTS_PER_CPU_PER_SECOND: u64 = 1_000;
 /// A peer slot that names no single peer: the prefix is shared, or the port is shared.
 pub const NO_PEER: u32 = u32::MAX;
 
@@ -272,6 +280,19 @@ impl ViolationEvent {
 pub struct Config {
     /// Least time between two events for one source; 0 means [`DEFAULT_EVENT_INTERVAL_NS`].
     pub event_interval_ns: u64,
+    /// Violations per CPU per second that may produce events; 0 means
+    /// [`DEFAULT_EVENTS_PER_CPU_PER_SECOND`].
+    pub events_per_cpu_per_second: u64,
+}
+
+/// Value of [`maps::EVENT_BUDGET`] (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// Start of the current one-second window (`bpf_ktime_get_boot_ns`).
+    pub window_start_ns: u64,
+    /// Violations that went on to the per-source rate limit in this window.
+    pub used: u64,
 }
 
 #[cfg(test)]
@@ -322,5 +343,6 @@ mod pod {
         unsafe impl aya::Pod for RateState {}
         unsafe impl aya::Pod for ViolationEvent {}
         unsafe impl aya::Pod for Config {}
+        unsafe impl aya::Pod for EventBudget {}
     }
 }

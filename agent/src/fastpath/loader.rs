@@ -756,17 +756,36 @@ impl FastPath {
         }
     }
 
+    /// Sets how many violations per CPU per second may produce events (the rest are counted).
+    pub fn set_event_budget(&mut self, per_cpu_per_second: u64) -> Result<(), FastPathError> {
+        let mut config = self
+            .maps
+            .config
+            .get(&0, 0)
+            .map_err(map_err("reading the config map"))?;
+        config.events_per_cpu_per_second = per_cpu_per_second.max(1);
+        self.maps
+            .config
+            .set(0, config, 0)
+            .map_err(map_err("writing the event budget"))
+    }
+
     /// Sets the least time between two violation events for one source.
     pub fn set_event_interval(
         &mut self,
         interval: std::time::Duration,
     ) -> Result<(), FastPathError> {
-        let event_interval_ns = u64::try_from(interval.as_nanos())
+        let mut config = self
+            .maps
+            .config
+            .get(&0, 0)
+            .map_err(map_err("reading the config map"))?;
+        config.event_interval_ns = u64::try_from(interval.as_nanos())
             .unwrap_or(u64::MAX)
             .max(1);
         self.maps
             .config
-            .set(0, Config { event_interval_ns }, 0)
+            .set(0, config, 0)
             .map_err(map_err("writing the event interval"))
     }
 
