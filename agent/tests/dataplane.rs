@@ -12,8 +12,8 @@ use std::{
 
 use support::{Lan, Receiver, in_netns, peer_device, send_udp, unique_id};
 use wgpin_agent::{
-    dataplane::{DataPlane, DataPlaneConfig, NodeCapabilities, Writes},
-    fastpath::{BpfPaths, HookChoice},
+    dataplane::{DataPlane, DataPlaneConfig, Effect, NodeCapabilities, Writes},
+    fastpath::{BpfPaths, HookChoice, Op},
     wireguard::{Backend, SecretKey, Uapi},
 };
 use wgpin_crds::{EnforcementState, PinMode, PinnedNodeStateSpec, RenderedInterface, RenderedPeer};
@@ -206,20 +206,30 @@ fn tunnel_datagrams(lan: &Lan, from_ns: &str, source: &str) -> usize {
 
 #[test]
 fn dedicated_mode_refuses_a_stolen_key_from_anywhere_else() {
+    stolen_key_from_an_unpinned_address_is_refused(PinMode::Dedicated);
+}
+
+#[test]
+fn shared_mode_refuses_a_stolen_key_from_an_unpinned_address() {
+    stolen_key_from_an_unpinned_address_is_refused(PinMode::Shared);
+}
+
+fn stolen_key_from_an_unpinned_address_is_refused(mode: PinMode) {
     let lan = Lan::new();
     let scratch = Scratch::new();
     let id = unique_id();
     let gateway = Gateway::start(&lan, &scratch);
     let laptop = SecretKey::generate().expect("key");
+    let dedicated_port = (mode == PinMode::Dedicated).then_some(51820);
     let spec = gateway_spec(
         &format!("wgd{id}"),
-        PinMode::Dedicated,
+        mode,
         vec![rendered_peer(
             "laptop",
             &laptop,
             "198.51.100.2",
             "192.0.2.2/32",
-            Some(51820),
+            dedicated_port,
         )],
     );
 
@@ -269,6 +279,16 @@ fn dedicated_mode_refuses_a_stolen_key_from_anywhere_else() {
         endpoint.as_deref(),
         Some("192.0.2.2:40000"),
         "the endpoint never moved"
+    );
+    let attacker_view = Uapi::default()
+        .get(&format!("wga{id}"))
+        .expect("attacker device");
+    assert!(
+        attacker_view
+            .peers
+            .values()
+            .all(|p| p.last_handshake.is_none()),
+        "the attacker never completed a handshake"
     );
     let violations = gateway.run(|dp, _| dp.fast_path_mut().drain_violations());
     assert!(
@@ -398,4 +418,59 @@ fn a_detached_fast_path_withdraws_every_peer_until_it_is_back() {
     assert!(report.recovered, "{report:?}");
     gateway.reconcile(spec);
     assert_eq!(gateway.peer("laptop").2, EnforcementState::Enforced);
+}
+
+/// The fail-closed order, as the reconciles record it: a pin is in the fast path before its
+/// peer is written to WireGuard, and a peer leaves WireGuard before its pin leaves.
+#[test]
+fn peers_go_live_after_their_pins_and_leave_before_them() {
+    let lan = Lan::new();
+    let scratch = Scratch::new();
+    let id = unique_id();
+    let gateway = Gateway::start(&lan, &scratch);
+    let laptop = SecretKey::generate().expect("key");
+    let with = gateway_spec(
+        &format!("wgo{id}"),
+        PinMode::Shared,
+        vec![rendered_peer(
+            "laptop",
+            &laptop,
+            "198.51.100.2",
+            "192.0.2.2/32",
+            None,
+        )],
+    );
+    let without = gateway_spec(&format!("wgo{id}"), PinMode::Shared, vec![]);
+    let laptop_key = laptop.public_key();
+    let is_laptop_pin = |op: &Op| matches!(op, Op::PutPin(k, _) | Op::DeletePin(k) if k.prefix.to_string() == "192.0.2.2/32");
+    let position = |journal: &[Effect], what: &dyn Fn(&Effect) -> bool| {
+        journal
+            .iter()
+            .position(what)
+            .unwrap_or_else(|| panic!("not in the journal: {journal:#?}"))
+    };
+
+    gateway.reconcile(with);
+    let adding = gateway.run(|dp, _| dp.journal().to_vec());
+    let pin_in = position(
+        &adding,
+        &|e| matches!(e, Effect::FastPath(op @ Op::PutPin(..)) if is_laptop_pin(op)),
+    );
+    let peer_in = position(
+        &adding,
+        &|e| matches!(e, Effect::PeersWritten { peers, .. } if peers.contains(&laptop_key)),
+    );
+    assert!(pin_in < peer_in, "the pin first: {adding:#?}");
+
+    gateway.reconcile(without);
+    let removing = gateway.run(|dp, _| dp.journal().to_vec());
+    let peer_out = position(
+        &removing,
+        &|e| matches!(e, Effect::PeerRemoved { peer, .. } if *peer == laptop_key),
+    );
+    let pin_out = position(
+        &removing,
+        &|e| matches!(e, Effect::FastPath(op @ Op::DeletePin(..)) if is_laptop_pin(op)),
+    );
+    assert!(peer_out < pin_out, "the peer first: {removing:#?}");
 }

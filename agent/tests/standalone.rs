@@ -229,6 +229,33 @@ fn kill_9_and_restart_lose_no_packet_and_drift_is_repaired() {
     wait_for("the drift report", Duration::from_secs(5), || {
         agent.log().contains("configuration drift repaired")
     });
+    // A peer changed by hand gets its configuration back.
+    run(
+        "wg",
+        &[
+            "set",
+            &device,
+            "peer",
+            &laptop.public_key().to_base64(),
+            "allowed-ips",
+            "198.51.100.77/32",
+        ],
+    );
+    let wanted: std::collections::BTreeSet<ipnet::IpNet> =
+        ["198.51.100.2/32".parse().expect("net")].into();
+    wait_for(
+        "the hand-changed peer to be restored",
+        Duration::from_secs(5),
+        || {
+            uapi.get(&device)
+                .map(|d| {
+                    d.peers
+                        .get(&laptop.public_key())
+                        .is_some_and(|p| p.allowed_ips == wanted)
+                })
+                .unwrap_or(false)
+        },
+    );
 
     // An invalid file is named with its object and field; what was valid stays enforced.
     std::fs::write(

@@ -9,4 +9,6 @@ pub mod plan;
 pub mod reconcile;
 
 pub use plan::{DeviceSpec, NodeCapabilities, NodePlan, PeerSpec, plan_node, resolve_mode};
-pub use reconcile::{DataPlane, DataPlaneConfig, DataPlaneError, Eviction, GuardReport, Writes};
+pub use reconcile::{
+    DataPlane, DataPlaneConfig, DataPlaneError, Effect, Eviction, GuardReport, Writes,
+};

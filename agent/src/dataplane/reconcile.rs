@@ -29,7 +29,7 @@ use super::{
     plan::{DeviceSpec, NodeCapabilities, NodePlan, plan_node},
 };
 use crate::{
-    fastpath::{Attachment, BpfPaths, FastPath, FastPathError, HookChoice, SlotTable},
+    fastpath::{Attachment, BpfPaths, FastPath, FastPathError, HookChoice, Op, SlotTable},
     wireguard::{
         Backend, DeviceConfig, DeviceState, PeerChange, SecretKey, diff_peers,
         endpoints_outside_pins,
@@ -86,6 +86,25 @@ pub struct GuardReport {
     pub recovered: bool,
 }
 
+/// One change a reconcile made, in the order it made them (see [`DataPlane::journal`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// A peer left a WireGuard device.
+    PeerRemoved {
+        device: String,
+        peer: WireGuardKey,
+    },
+    /// A write to the fast path's maps.
+    FastPath(Op),
+    DeviceCreated(String),
+    DeviceDeleted(String),
+    /// Peers added to or updated on a device (device settings may have changed too).
+    PeersWritten {
+        device: String,
+        peers: Vec<WireGuardKey>,
+    },
+}
+
 /// Writes one reconcile made, for "no change writes nothing".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Writes {
@@ -105,6 +124,8 @@ pub struct DataPlane {
     plan: NodePlan,
     /// Peers are out of WireGuard because the fast path could not be verified.
     withdrawn: bool,
+    /// What the last reconcile changed, in order.
+    journal: Vec<Effect>,
 }
 
 impl DataPlane {
@@ -138,6 +159,7 @@ impl DataPlane {
             keys: BTreeMap::new(),
             plan: NodePlan::default(),
             withdrawn: false,
+            journal: Vec::new(),
         })
     }
 
@@ -156,6 +178,12 @@ impl DataPlane {
     /// The plan last applied.
     pub fn plan(&self) -> &NodePlan {
         &self.plan
+    }
+
+    /// What the last reconcile changed, in the order it changed it: the fail-closed order
+    /// made visible (tests assert on it).
+    pub fn journal(&self) -> &[Effect] {
+        &self.journal
     }
 
     /// Counter slots of ports and peers, to name what the fast path counts.
@@ -201,6 +229,7 @@ impl DataPlane {
             move |reference: &SecretKeySelector| read_secret(secrets_dir.as_ref(), reference);
         let plan = plan_node(spec, capabilities, &mut self.book.slots, &resolve);
         let mut writes = Writes::default();
+        self.journal.clear();
         let wanted: BTreeMap<&str, &DeviceSpec> = plan
             .devices
             .iter()
@@ -235,6 +264,11 @@ impl DataPlane {
                     .set(device, &DeviceConfig::default(), &removals)
                     .map_err(DataPlaneError::Setup)?;
                 writes.wireguard += removals.len();
+                self.journal
+                    .extend(removals.iter().map(|r| Effect::PeerRemoved {
+                        device: device.clone(),
+                        peer: r.public_key(),
+                    }));
             }
         }
 
@@ -252,12 +286,15 @@ impl DataPlane {
                 .map_err(DataPlaneError::Setup)?
             {
                 writes.links += 1;
+                self.journal.push(Effect::DeviceDeleted(device.clone()));
             }
             self.book.devices.remove(&device);
         }
 
         // 2. The fast path, verified.
-        writes.fast_path = self.fast_path.apply(&plan.fast_path)?;
+        let ops = self.fast_path.apply_ops(&plan.fast_path)?;
+        writes.fast_path = ops.len();
+        self.journal.extend(ops.into_iter().map(Effect::FastPath));
         let verification = self.fast_path.verify();
         if !verification.is_ok() {
             self.plan = plan;
@@ -280,6 +317,8 @@ impl DataPlane {
                     .map_err(DataPlaneError::Setup)?;
                 tracing::info!(device = %device.device, backend = ?self.config.backend.kind(), "created WireGuard device");
                 writes.links += 1;
+                self.journal
+                    .push(Effect::DeviceCreated(device.device.clone()));
             }
             self.book.devices.insert(device.device.clone());
             let state = self.read_device(&device.device).unwrap_or_default();
@@ -304,6 +343,10 @@ impl DataPlane {
                     .map_err(DataPlaneError::Setup)?;
                 writes.wireguard +=
                     changes.len() + usize::from(settings != DeviceConfig::default());
+                self.journal.push(Effect::PeersWritten {
+                    device: device.device.clone(),
+                    peers: changes.iter().map(PeerChange::public_key).collect(),
+                });
             }
             let routes: Vec<IpNet> = device
                 .peers

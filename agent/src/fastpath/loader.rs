@@ -698,12 +698,17 @@ impl FastPath {
 
     /// Brings the maps to `desired` with the writes [`plan`] orders; returns how many it made.
     pub fn apply(&mut self, desired: &FastPathState) -> Result<usize, FastPathError> {
+        self.apply_ops(desired).map(|ops| ops.len())
+    }
+
+    /// Like [`FastPath::apply`], returning the writes made, in order.
+    pub fn apply_ops(&mut self, desired: &FastPathState) -> Result<Vec<Op>, FastPathError> {
         let current = self.read_state()?;
         let ops = plan(&current, desired);
         for op in &ops {
             self.write(op)?;
         }
-        Ok(ops.len())
+        Ok(ops)
     }
 
     fn write(&mut self, op: &Op) -> Result<(), FastPathError> {
