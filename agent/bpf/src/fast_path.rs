@@ -1,5 +1,5 @@
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::bpf_ktime_get_boot_ns,
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -20,6 +20,12 @@ static PORTS: HashMap<PortKey, PortEntry> = HashMap::pinned(MAX_PORTS, 0);
 static ALLOW_V4: LpmTrie<AllowV4, AllowEntry> = LpmTrie::pinned(MAX_PREFIXES, 0);
 #[map(name = "WGPIN_ALLOW_V6")]
 static ALLOW_V6: LpmTrie<AllowV6, AllowEntry> = LpmTrie::pinned(MAX_PREFIXES, 0);
+// Host pins (/32, /128) live in hashes, looked up first: an exact match is the longest prefix
+// there is, and a hash lookup costs the same for 1 or 100,000 pins. The tries hold the rest.
+#[map(name = "WGPIN_HOSTS_V4")]
+static HOSTS_V4: HashMap<AllowV4, AllowEntry> = HashMap::pinned(MAX_PREFIXES, BPF_F_NO_PREALLOC);
+#[map(name = "WGPIN_HOSTS_V6")]
+static HOSTS_V6: HashMap<AllowV6, AllowEntry> = HashMap::pinned(MAX_PREFIXES, BPF_F_NO_PREALLOC);
 #[map(name = "WGPIN_PORT_COUNTERS")]
 static PORT_COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_PORT_SLOTS, 0);
 #[map(name = "WGPIN_PEER_COUNTERS")]
@@ -123,23 +129,27 @@ fn check_udp(udp: &Udp, len: u32) -> Verdict {
         return Verdict::Pass;
     };
     let allowed = if udp.family == FAMILY_V4 {
-        let key = Key::new(
-            allow_prefix_len(32),
-            AllowV4 {
-                port_be: udp.dst_port_be,
-                addr: [udp.src[0], udp.src[1], udp.src[2], udp.src[3]],
-            },
-        );
-        ALLOW_V4.get(&key).copied()
+        let data = AllowV4 {
+            port_be: udp.dst_port_be,
+            addr: [udp.src[0], udp.src[1], udp.src[2], udp.src[3]],
+        };
+        // SAFETY: the value is copied out at once.
+        match unsafe { HOSTS_V4.get(&data) } {
+            Some(entry) => Some(*entry),
+            None => ALLOW_V4.get(&Key::new(allow_prefix_len(32), data)).copied(),
+        }
     } else {
-        let key = Key::new(
-            allow_prefix_len(128),
-            AllowV6 {
-                port_be: udp.dst_port_be,
-                addr: udp.src,
-            },
-        );
-        ALLOW_V6.get(&key).copied()
+        let data = AllowV6 {
+            port_be: udp.dst_port_be,
+            addr: udp.src,
+        };
+        // SAFETY: the value is copied out at once.
+        match unsafe { HOSTS_V6.get(&data) } {
+            Some(entry) => Some(*entry),
+            None => ALLOW_V6
+                .get(&Key::new(allow_prefix_len(128), data))
+                .copied(),
+        }
     };
     match allowed {
         Some(entry) => {

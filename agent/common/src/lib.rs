@@ -21,6 +21,11 @@ pub mod maps {
     pub const ALLOW_V4: &str = "WGPIN_ALLOW_V4";
     /// IPv6 allowlist: LPM trie over [`super::AllowV6`] → [`super::AllowEntry`].
     pub const ALLOW_V6: &str = "WGPIN_ALLOW_V6";
+    /// IPv4 host pins (/32): exact-match hash over [`super::AllowV4`], looked up before the
+    /// trie, so the common case costs the same whatever the number of pins.
+    pub const HOSTS_V4: &str = "WGPIN_HOSTS_V4";
+    /// IPv6 host pins (/128); see [`HOSTS_V4`].
+    pub const HOSTS_V6: &str = "WGPIN_HOSTS_V6";
     /// Per-CPU counters per port slot.
     pub const PORT_COUNTERS: &str = "WGPIN_PORT_COUNTERS";
     /// Per-CPU counters per peer slot.
@@ -39,10 +44,12 @@ pub mod maps {
     pub const EVENT_BUDGET: &str = "WGPIN_EVENT_BUDGET";
 
     /// Every pinned map, for the loader's checks.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         PORTS,
         ALLOW_V4,
         ALLOW_V6,
+        HOSTS_V4,
+        HOSTS_V6,
         PORT_COUNTERS,
         PEER_COUNTERS,
         GLOBAL_COUNTERS,

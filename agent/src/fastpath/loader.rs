@@ -188,6 +188,8 @@ struct Maps {
     ports: HashMap<MapData, PortKey, PortEntry>,
     allow_v4: LpmTrie<MapData, AllowV4, AllowEntry>,
     allow_v6: LpmTrie<MapData, AllowV6, AllowEntry>,
+    hosts_v4: HashMap<MapData, AllowV4, AllowEntry>,
+    hosts_v6: HashMap<MapData, AllowV6, AllowEntry>,
     port_counters: PerCpuArray<MapData, Counters>,
     peer_counters: PerCpuArray<MapData, Counters>,
     global_counters: PerCpuArray<MapData, GlobalCounters>,
@@ -210,6 +212,8 @@ impl Maps {
             ports: HashMap::try_from(take(maps::PORTS)?).map_err(map_err(maps::PORTS))?,
             allow_v4: LpmTrie::try_from(take(maps::ALLOW_V4)?).map_err(map_err(maps::ALLOW_V4))?,
             allow_v6: LpmTrie::try_from(take(maps::ALLOW_V6)?).map_err(map_err(maps::ALLOW_V6))?,
+            hosts_v4: HashMap::try_from(take(maps::HOSTS_V4)?).map_err(map_err(maps::HOSTS_V4))?,
+            hosts_v6: HashMap::try_from(take(maps::HOSTS_V6)?).map_err(map_err(maps::HOSTS_V6))?,
             port_counters: PerCpuArray::try_from(take(maps::PORT_COUNTERS)?)
                 .map_err(map_err(maps::PORT_COUNTERS))?,
             peer_counters: PerCpuArray::try_from(take(maps::PEER_COUNTERS)?)
@@ -665,34 +669,8 @@ impl FastPath {
             let (key, value) = entry.map_err(map_err("reading the ports map"))?;
             state.ports.insert(key.port(), value);
         }
-        for entry in self.maps.allow_v4.iter() {
-            let (key, value) = entry.map_err(map_err("reading the IPv4 allowlist"))?;
-            let data = key.data();
-            let len = key.prefix_len().saturating_sub(wgpin_common::PORT_BITS) as u8;
-            if let Ok(prefix) = IpNet::new(IpAddr::from(data.addr), len) {
-                state.pins.insert(
-                    PinKey {
-                        port: u16::from_be_bytes(data.port_be),
-                        prefix,
-                    },
-                    value,
-                );
-            }
-        }
-        for entry in self.maps.allow_v6.iter() {
-            let (key, value) = entry.map_err(map_err("reading the IPv6 allowlist"))?;
-            let data = key.data();
-            let len = key.prefix_len().saturating_sub(wgpin_common::PORT_BITS) as u8;
-            if let Ok(prefix) = IpNet::new(IpAddr::from(data.addr), len) {
-                state.pins.insert(
-                    PinKey {
-                        port: u16::from_be_bytes(data.port_be),
-                        prefix,
-                    },
-                    value,
-                );
-            }
-        }
+        read_pins(&self.maps.hosts_v4, &self.maps.allow_v4, &mut state.pins)?;
+        read_pins(&self.maps.hosts_v6, &self.maps.allow_v6, &mut state.pins)?;
         Ok(state)
     }
 
@@ -728,37 +706,40 @@ impl FastPath {
     fn pin_write(&mut self, key: PinKey, entry: Option<AllowEntry>) -> Result<(), FastPathError> {
         let what = format!("pin {} on port {}", key.prefix, key.port);
         let port_be = key.port.to_be_bytes();
-        let len = allow_prefix_len(key.prefix.prefix_len());
+        let len = key.prefix.prefix_len();
+        let host = len == key.prefix.max_prefix_len();
+        let maps = &mut self.maps;
         match key.prefix.network() {
             IpAddr::V4(addr) => {
-                let trie = &mut self.maps.allow_v4;
-                let key = Key::new(
+                let data = AllowV4 {
+                    port_be,
+                    addr: addr.octets(),
+                };
+                write_pin(
+                    &mut maps.hosts_v4,
+                    &mut maps.allow_v4,
+                    host,
+                    data,
                     len,
-                    AllowV4 {
-                        port_be,
-                        addr: addr.octets(),
-                    },
-                );
-                match entry {
-                    Some(entry) => trie.insert(&key, entry, 0).map_err(map_err(what)),
-                    None => ignore_missing(trie.remove(&key)).map_err(map_err(what)),
-                }
+                    entry,
+                )
             }
             IpAddr::V6(addr) => {
-                let trie = &mut self.maps.allow_v6;
-                let key = Key::new(
+                let data = AllowV6 {
+                    port_be,
+                    addr: addr.octets(),
+                };
+                write_pin(
+                    &mut maps.hosts_v6,
+                    &mut maps.allow_v6,
+                    host,
+                    data,
                     len,
-                    AllowV6 {
-                        port_be,
-                        addr: addr.octets(),
-                    },
-                );
-                match entry {
-                    Some(entry) => trie.insert(&key, entry, 0).map_err(map_err(what)),
-                    None => ignore_missing(trie.remove(&key)).map_err(map_err(what)),
-                }
+                    entry,
+                )
             }
         }
+        .map_err(map_err(what))
     }
 
     /// Sets how many violations per CPU per second may produce events (the rest are counted).
@@ -892,6 +873,84 @@ impl FastPath {
             source,
         })
     }
+}
+
+/// An allowlist key: a port and a source address of one family.
+trait AllowData: aya::Pod {
+    fn port(&self) -> u16;
+    fn address(&self) -> IpAddr;
+}
+
+impl AllowData for AllowV4 {
+    fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port_be)
+    }
+    fn address(&self) -> IpAddr {
+        IpAddr::from(self.addr)
+    }
+}
+
+impl AllowData for AllowV6 {
+    fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port_be)
+    }
+    fn address(&self) -> IpAddr {
+        IpAddr::from(self.addr)
+    }
+}
+
+/// Writes or removes one pin: a host pin in the exact-match hash, any other in the trie.
+fn write_pin<K: AllowData>(
+    hosts: &mut HashMap<MapData, K, AllowEntry>,
+    trie: &mut LpmTrie<MapData, K, AllowEntry>,
+    host: bool,
+    data: K,
+    len: u8,
+    entry: Option<AllowEntry>,
+) -> Result<(), aya::maps::MapError> {
+    match (host, entry) {
+        (true, Some(entry)) => hosts.insert(data, entry, 0),
+        (true, None) => ignore_missing(hosts.remove(&data)),
+        (false, Some(entry)) => trie.insert(&Key::new(allow_prefix_len(len), data), entry, 0),
+        (false, None) => ignore_missing(trie.remove(&Key::new(allow_prefix_len(len), data))),
+    }
+}
+
+/// Reads every pin of one family, from the hash (host pins) and the trie.
+fn read_pins<K: AllowData>(
+    hosts: &HashMap<MapData, K, AllowEntry>,
+    trie: &LpmTrie<MapData, K, AllowEntry>,
+    pins: &mut BTreeMap<PinKey, AllowEntry>,
+) -> Result<(), FastPathError> {
+    for entry in hosts.iter() {
+        let (data, value) = entry.map_err(map_err("reading the host pins"))?;
+        let address = data.address();
+        let len = if address.is_ipv4() { 32 } else { 128 };
+        if let Ok(prefix) = IpNet::new(address, len) {
+            pins.insert(
+                PinKey {
+                    port: data.port(),
+                    prefix,
+                },
+                value,
+            );
+        }
+    }
+    for entry in trie.iter() {
+        let (key, value) = entry.map_err(map_err("reading the prefix pins"))?;
+        let data = key.data();
+        let len = key.prefix_len().saturating_sub(wgpin_common::PORT_BITS) as u8;
+        if let Ok(prefix) = IpNet::new(data.address(), len) {
+            pins.insert(
+                PinKey {
+                    port: data.port(),
+                    prefix,
+                },
+                value,
+            );
+        }
+    }
+    Ok(())
 }
 
 fn map_missing(name: &str) -> FastPathError {
