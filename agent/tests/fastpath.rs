@@ -237,12 +237,26 @@ fn allowlist_on_real_packets(choice: HookChoice, expected_hook: Hook) {
 
 #[test]
 fn xdp_allows_pinned_sources_and_drops_the_rest() {
-    allowlist_on_real_packets(HookChoice::Auto, Hook::Xdp);
+    allowlist_on_real_packets(HookChoice::Xdp, Hook::Xdp);
+}
+
+/// On a veth, `Auto` picks TC (native XDP would copy every packet) and says so.
+#[test]
+fn tc_allows_pinned_sources_and_drops_the_rest() {
+    allowlist_on_real_packets(HookChoice::Auto, Hook::Tc);
 }
 
 #[test]
-fn tc_allows_pinned_sources_and_drops_the_rest() {
-    allowlist_on_real_packets(HookChoice::Tc, Hook::Tc);
+fn auto_on_a_veth_picks_tc_and_says_why() {
+    let pair = Pair::new();
+    let root = TestRoot::new();
+    let (_fast_path, attachment) = attached(&pair, &root, HookChoice::Auto);
+    assert_eq!(attachment.hook, Hook::Tc);
+    assert!(
+        attachment.reason.contains("a veth"),
+        "{}",
+        attachment.reason
+    );
 }
 
 /// Verdicts of both programs on crafted frames (`BPF_PROG_TEST_RUN`), one table.
@@ -525,7 +539,7 @@ fn verify_notices_what_was_taken_away() {
     let problems = in_netns(&server_ns, move || {
         let mut fast_path = FastPath::open(paths.clone()).expect("fast path loads");
         fast_path
-            .attach(&interface, HookChoice::Auto)
+            .attach(&interface, HookChoice::Xdp)
             .expect("attaches");
         let mut seen = Vec::new();
         seen.push(fast_path.verify().problems);
@@ -653,7 +667,7 @@ fn hold_fast_path_until_killed() {
     in_netns(&netns, move || {
         let mut fast_path = FastPath::open(BpfPaths::new(root)).expect("fast path loads");
         fast_path
-            .attach(&interface, HookChoice::Auto)
+            .attach(&interface, HookChoice::Xdp)
             .expect("attaches");
         fast_path.apply(&held_state()).expect("maps written");
         println!("WGPIN-HOLDER-READY");

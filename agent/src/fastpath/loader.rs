@@ -106,7 +106,8 @@ impl fmt::Display for Hook {
 /// Which hook to use on an interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HookChoice {
-    /// Native XDP; TC when XDP cannot attach or another program owns the XDP hook.
+    /// Native XDP; TC on a veth (where native XDP copies every packet and TC is faster), when
+    /// XDP cannot attach, or when another program owns the XDP hook.
     #[default]
     Auto,
     /// XDP only (native, then generic).
@@ -492,17 +493,23 @@ impl FastPath {
                 }
             },
             HookChoice::Auto => {
-                let owner = netlink::xdp_program_id(interface).map_err(FastPathError::Netlink)?;
-                match owner {
-                    Some(id) => {
-                        let link = self.attach_tc(interface)?;
-                        (
-                            Hook::Tc,
-                            format!("another XDP program (id {id}) owns the XDP hook; using TC"),
-                            link,
-                        )
-                    }
-                    None => match self.attach_xdp(interface, XdpMode::Driver) {
+                let facts = netlink::link_facts(interface).map_err(FastPathError::Netlink)?;
+                if let Some(id) = facts.xdp_program {
+                    let link = self.attach_tc(interface)?;
+                    (
+                        Hook::Tc,
+                        format!("another XDP program (id {id}) owns the XDP hook; using TC"),
+                        link,
+                    )
+                } else if facts.veth {
+                    let link = self.attach_tc(interface)?;
+                    (
+                        Hook::Tc,
+                        "a veth: native XDP would copy every packet, TC is faster".to_string(),
+                        link,
+                    )
+                } else {
+                    match self.attach_xdp(interface, XdpMode::Driver) {
                         Ok(link) => (Hook::Xdp, "native XDP".to_string(), link),
                         Err(native) => {
                             let link = self.attach_tc(interface)?;
@@ -512,7 +519,7 @@ impl FastPath {
                                 link,
                             )
                         }
-                    },
+                    }
                 }
             }
         };
