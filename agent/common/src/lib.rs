@@ -300,6 +300,8 @@ pub struct EventBudget {
     pub window_start_ns: u64,
     /// Violations that went on to the per-source rate limit in this window.
     pub used: u64,
+    /// Violations past the budget in this window (every 1024th reads the clock).
+    pub over: u64,
 }
 
 #[cfg(test)]
