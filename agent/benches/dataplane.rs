@@ -19,6 +19,10 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, setns};
+// The test hosts' helpers, shared with the tests.
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::run;
 use wgpin_agent::{
     dataplane::{DataPlane, DataPlaneConfig, NodeCapabilities},
     fastpath::{BpfPaths, HookChoice},
@@ -28,14 +32,6 @@ use wgpin_crds::{PinMode, PinnedNodeStateSpec, RenderedInterface, RenderedPeer};
 
 const PEERS: usize = 1_000;
 const GUARD_INTERVAL: Duration = Duration::from_millis(200);
-
-fn run(program: &str, args: &[&str]) {
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .expect("command runs");
-    assert!(status.success(), "{program} {args:?} failed");
-}
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -137,6 +133,12 @@ fn main() {
         let spec = spec(&device_inner, &keys);
         let capabilities = NodeCapabilities::default();
         let rss_before = rss_kib();
+        let hook = dataplane
+            .attachments()
+            .iter()
+            .map(|a| format!("{} ({})", a.hook, a.reason))
+            .collect::<Vec<_>>()
+            .join(", ");
 
         let started = Instant::now();
         let writes = rt
@@ -195,7 +197,7 @@ fn main() {
         rt.block_on(dataplane.reconcile(&PinnedNodeStateSpec::default(), &capabilities))
             .expect("cleanup reconcile");
         (
-            writes, from_empty, steady, rss_before, rss_after, detections,
+            writes, from_empty, steady, rss_before, rss_after, detections, hook,
         )
     })
     .join();
@@ -205,11 +207,11 @@ fn main() {
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     let _ = std::fs::remove_dir_all(&bpffs);
     let _ = std::fs::remove_dir_all(&state);
-    let (writes, from_empty, steady, rss_before, rss_after, detections) =
+    let (writes, from_empty, steady, rss_before, rss_after, detections, hook) =
         figures.expect("benchmark thread");
 
     let median = |v: &[Duration]| v[v.len() / 2];
-    println!("data plane, {PEERS} peers, Shared mode, wireguard-go, fast path XDP on a veth");
+    println!("data plane, {PEERS} peers, Shared mode, wireguard-go, fast path {hook}");
     println!(
         "{:<48} {:>12} {:>12} {:>8}",
         "measure", "measured", "target", "ratio"

@@ -30,10 +30,14 @@
 //! come from 198.18.0.0/15 (RFC 2544's benchmarking range) and fd00:18::/64; they are map keys
 //! and `BPF_PROG_TEST_RUN` frames only, never sent.
 
+// The test hosts' helpers (commands, network namespaces), shared with the tests.
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{in_netns, run};
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -41,7 +45,6 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use nix::sched::{CloneFlags, setns};
 use wgpin_agent::fastpath::{BpfPaths, FastPath, FastPathState, Hook, HookChoice, PinKey};
 use wgpin_common::{
     AllowEntry, NO_PEER, PortEntry,
@@ -138,39 +141,12 @@ impl Settings {
     }
 }
 
-/// Runs a command, panicking with its output when it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 fn have(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Runs `f` on a thread that has entered network namespace `name`.
-fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{name}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// The bench's own bpffs root, removed at the end even when the bench panics.
