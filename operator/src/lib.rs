@@ -2,9 +2,12 @@
 //!
 //! [`render`] turns `PinnedInterface`s, `PinnedPeer`s and nodes into one `PinnedNodeState` spec
 //! per node, and reports the objects it had to leave out and why. The controller (watches,
-//! server-side apply, status roll-up) calls it; so does the agent in standalone mode, which is
-//! the operator and the agent in one process without a cluster.
+//! server-side apply) calls it; so does the agent in standalone mode, which is the operator and
+//! the agent in one process without a cluster. [`roll_up`] turns the agents' reports into
+//! `PinnedPeer.status`.
 
 pub mod render;
+pub mod rollup;
 
 pub use render::{NodeInfo, PortAssignments, Problem, ProblemReason, Rendered, render};
+pub use rollup::{RollUpInput, roll_up};
