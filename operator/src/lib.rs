@@ -6,6 +6,7 @@
 //! the agent in one process without a cluster. [`roll_up`] turns the agents' reports into
 //! `PinnedPeer.status`.
 
+pub mod controller;
 pub mod render;
 pub mod rollup;
 
