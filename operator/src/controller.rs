@@ -194,3 +194,102 @@ pub async fn reconcile_all(client: &Client, now: Time) -> Result<PassReport, Con
     }
     Ok(report)
 }
+
+/// How the loop paces itself.
+#[derive(Clone, Copy, Debug)]
+pub struct LoopSettings {
+    /// How long to gather more changes before a pass.
+    pub debounce: std::time::Duration,
+    /// A pass at least this often, to repair what no watch reported.
+    pub resync: std::time::Duration,
+    /// The longest wait after failed passes (the wait doubles from 1 s up to this).
+    pub max_backoff: std::time::Duration,
+}
+
+impl Default for LoopSettings {
+    fn default() -> Self {
+        Self {
+            debounce: std::time::Duration::from_millis(100),
+            resync: std::time::Duration::from_secs(300),
+            max_backoff: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// Watches every input and runs a pass after each burst of changes, at least every
+/// `resync`, and again after a failure with a backoff that grows and resets on success. Returns
+/// when `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: LoopSettings,
+    now: impl Fn() -> Time,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use futures::StreamExt as _;
+    use wgpin_crds::kube::runtime::watcher;
+
+    fn changes<K>(api: Api<K>) -> futures::stream::BoxStream<'static, ()>
+    where
+        K: wgpin_crds::kube::Resource
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + 'static,
+        K::DynamicType: Default,
+    {
+        // Any event, even an error (the watcher retries by itself), is a reason to look again.
+        watcher(api, watcher::Config::default().any_semantic())
+            .map(|_| ())
+            .boxed()
+    }
+    let mut events = futures::stream::select_all([
+        changes(Api::<PinnedPeer>::all(client.clone())),
+        changes(Api::<PinnedInterface>::all(client.clone())),
+        changes(Api::<Node>::all(client.clone())),
+        changes(Api::<PinnedNodeState>::all(client.clone())),
+    ]);
+    tokio::pin!(shutdown);
+    let mut backoff = std::time::Duration::ZERO;
+    let mut pending = true;
+    loop {
+        let wait = if !backoff.is_zero() {
+            backoff
+        } else if pending {
+            settings.debounce
+        } else {
+            settings.resync
+        };
+        tokio::select! {
+            () = &mut shutdown => break,
+            event = events.next() => {
+                if event.is_none() {
+                    tracing::error!("the watches ended; stopping");
+                    break;
+                }
+                pending = true;
+                continue;
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+        match reconcile_all(&client, now()).await {
+            Ok(report) => {
+                backoff = std::time::Duration::ZERO;
+                pending = false;
+                if report.writes() > 0 {
+                    tracing::info!(
+                        applied = ?report.node_states_applied,
+                        deleted = ?report.node_states_deleted,
+                        statuses = report.peer_statuses_written.len(),
+                        "reconciled"
+                    );
+                }
+            }
+            Err(error) => {
+                backoff =
+                    (backoff * 2).clamp(std::time::Duration::from_secs(1), settings.max_backoff);
+                tracing::error!(retry_in = ?backoff, "pass failed: {error}");
+            }
+        }
+    }
+}

@@ -210,3 +210,83 @@ async fn agent_reports_roll_up_and_conflicts_and_departures_are_handled() {
     assert!(pass.node_states_applied.is_empty());
     assert!(states.get("gw-b").await.is_err());
 }
+
+/// Polls `check` until it holds, for at most 5 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_loop_follows_changes_settles_and_stops_on_shutdown() {
+    let server = FakeApiServer::new();
+    let client = server.client();
+    setup(&client).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let settings = wgpin_operator::controller::LoopSettings {
+        debounce: std::time::Duration::from_millis(50),
+        ..Default::default()
+    };
+    let running = tokio::spawn(wgpin_operator::controller::run(
+        client.clone(),
+        settings,
+        now,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let states: Api<PinnedNodeState> = Api::all(client.clone());
+    eventually("the node states", || {
+        let states = states.clone();
+        async move { states.get("gw-a").await.is_ok() && states.get("gw-b").await.is_ok() }
+    })
+    .await;
+
+    // A change to a peer reaches its nodes' states.
+    Api::<PinnedPeer>::all(client.clone())
+        .patch(
+            "bob",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sources": ["192.0.2.0/24"]}})),
+        )
+        .await
+        .expect("change bob");
+    eventually("bob's new pin on gw-a", || {
+        let states = states.clone();
+        async move {
+            states.get("gw-a").await.is_ok_and(|s| {
+                s.spec.interfaces[0]
+                    .peers
+                    .iter()
+                    .any(|p| p.name == "bob" && p.sources == ["192.0.2.0/24"])
+            })
+        }
+    })
+    .await;
+
+    // Then it settles: its own writes cause one more pass that writes nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    server.clear_writes();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        server.writes().is_empty(),
+        "the loop keeps writing: {:?}",
+        server.writes()
+    );
+
+    let _ = stop.send(());
+    tokio::time::timeout(std::time::Duration::from_secs(5), running)
+        .await
+        .expect("stops")
+        .expect("no panic");
+}
