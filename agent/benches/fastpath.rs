@@ -33,7 +33,7 @@
 // The test hosts' helpers (commands, network namespaces), shared with the tests.
 #[path = "../tests/support/mod.rs"]
 mod support;
-use support::{in_netns, run};
+use support::{add_addresses, add_namespaces, delete_namespaces, in_netns, run};
 
 use std::{
     collections::BTreeMap,
@@ -492,8 +492,7 @@ impl Net {
             server_if: format!("wpb{id}s"),
             client_if: format!("wpb{id}c"),
         };
-        run("ip", &["netns", "add", &net.server_ns]);
-        run("ip", &["netns", "add", &net.client_ns]);
+        add_namespaces(&[&net.server_ns, &net.client_ns]);
         run(
             "ip",
             &[
@@ -519,25 +518,8 @@ impl Net {
             (&net.server_ns, &net.server_if, SERVER_V4, SERVER_V6),
             (&net.client_ns, &net.client_if, CLIENT_V4, CLIENT_V6),
         ] {
-            run(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev],
-            );
-            run(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("{v6}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ],
-            );
+            add_addresses(ns, dev, &[format!("{v4}/24"), format!("{v6}/64")]);
             run("ip", &["-n", ns, "link", "set", dev, "up"]);
-            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
         }
         // The ceiling runs take the server end down: keep its IPv6 address meanwhile.
         in_netns(&net.server_ns, || {
@@ -551,9 +533,7 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         // Deleting a namespace deletes its veth end, and with it the peer (and nft tables).
-        for ns in [&self.server_ns, &self.client_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+        delete_namespaces(&[&self.server_ns, &self.client_ns]);
     }
 }
 

@@ -204,6 +204,40 @@ fn tunnel_datagrams(lan: &Lan, from_ns: &str, source: &str) -> usize {
     receiver.drain().len()
 }
 
+/// A gateway running the data plane on a LAN of its own. The gateway is declared first, so it
+/// is dropped (and its devices removed) before its namespaces and pins go.
+struct Testbed {
+    gateway: Gateway,
+    lan: Lan,
+    scratch: Scratch,
+    id: String,
+}
+
+impl Testbed {
+    fn new() -> Self {
+        let lan = Lan::new();
+        let scratch = Scratch::new();
+        let gateway = Gateway::start(&lan, &scratch);
+        Self {
+            gateway,
+            lan,
+            scratch,
+            id: unique_id(),
+        }
+    }
+}
+
+/// The laptop: tunnel address 198.51.100.2, pinned to the client's 192.0.2.2.
+fn laptop_peer(key: &SecretKey, dedicated_port: Option<u16>) -> RenderedPeer {
+    rendered_peer(
+        "laptop",
+        key,
+        "198.51.100.2",
+        "192.0.2.2/32",
+        dedicated_port,
+    )
+}
+
 #[test]
 fn dedicated_mode_refuses_a_stolen_key_from_anywhere_else() {
     stolen_key_from_an_unpinned_address_is_refused(PinMode::Dedicated);
@@ -215,22 +249,15 @@ fn shared_mode_refuses_a_stolen_key_from_an_unpinned_address() {
 }
 
 fn stolen_key_from_an_unpinned_address_is_refused(mode: PinMode) {
-    let lan = Lan::new();
-    let scratch = Scratch::new();
-    let id = unique_id();
-    let gateway = Gateway::start(&lan, &scratch);
+    let Testbed {
+        gateway, lan, id, ..
+    } = &Testbed::new();
     let laptop = SecretKey::generate().expect("key");
     let dedicated_port = (mode == PinMode::Dedicated).then_some(51820);
     let spec = gateway_spec(
         &format!("wgd{id}"),
         mode,
-        vec![rendered_peer(
-            "laptop",
-            &laptop,
-            "198.51.100.2",
-            "192.0.2.2/32",
-            dedicated_port,
-        )],
+        vec![laptop_peer(&laptop, dedicated_port)],
     );
 
     let first = gateway.reconcile(spec.clone());
@@ -252,7 +279,7 @@ fn stolen_key_from_an_unpinned_address_is_refused(mode: PinMode) {
         "198.51.100.2",
     );
     assert!(
-        tunnel_datagrams(&lan, &lan.client_ns, "198.51.100.2") > 0,
+        tunnel_datagrams(lan, &lan.client_ns, "198.51.100.2") > 0,
         "the pinned peer gets through"
     );
     let (endpoint, handshake, state) = gateway.peer("laptop");
@@ -270,7 +297,7 @@ fn stolen_key_from_an_unpinned_address_is_refused(mode: PinMode) {
         "198.51.100.2",
     );
     assert_eq!(
-        tunnel_datagrams(&lan, &lan.attacker_ns, "198.51.100.2"),
+        tunnel_datagrams(lan, &lan.attacker_ns, "198.51.100.2"),
         0,
         "the stolen key gets nothing through"
     );
@@ -305,10 +332,9 @@ fn stolen_key_from_an_unpinned_address_is_refused(mode: PinMode) {
 
 #[test]
 fn shared_mode_evicts_a_stolen_key_from_another_peers_pinned_address() {
-    let lan = Lan::new();
-    let scratch = Scratch::new();
-    let id = unique_id();
-    let gateway = Gateway::start(&lan, &scratch);
+    let Testbed {
+        gateway, lan, id, ..
+    } = &Testbed::new();
     let (laptop, phone) = (
         SecretKey::generate().expect("key"),
         SecretKey::generate().expect("key"),
@@ -318,7 +344,7 @@ fn shared_mode_evicts_a_stolen_key_from_another_peers_pinned_address() {
         &format!("wgs{id}"),
         PinMode::Shared,
         vec![
-            rendered_peer("laptop", &laptop, "198.51.100.2", "192.0.2.2/32", None),
+            laptop_peer(&laptop, None),
             rendered_peer("phone", &phone, "198.51.100.3", "192.0.2.130/32", None),
         ],
     );
@@ -332,7 +358,7 @@ fn shared_mode_evicts_a_stolen_key_from_another_peers_pinned_address() {
         "192.0.2.1:51820",
         "198.51.100.2",
     );
-    assert!(tunnel_datagrams(&lan, &lan.client_ns, "198.51.100.2") > 0);
+    assert!(tunnel_datagrams(lan, &lan.client_ns, "198.51.100.2") > 0);
 
     let _attacker = peer_device(
         &lan.attacker_ns,
@@ -377,21 +403,17 @@ fn shared_mode_evicts_a_stolen_key_from_another_peers_pinned_address() {
 
 #[test]
 fn a_detached_fast_path_withdraws_every_peer_until_it_is_back() {
-    let lan = Lan::new();
-    let scratch = Scratch::new();
-    let id = unique_id();
-    let gateway = Gateway::start(&lan, &scratch);
+    let Testbed {
+        gateway,
+        scratch,
+        id,
+        ..
+    } = &Testbed::new();
     let laptop = SecretKey::generate().expect("key");
     let spec = gateway_spec(
         &format!("wgw{id}"),
         PinMode::Shared,
-        vec![rendered_peer(
-            "laptop",
-            &laptop,
-            "198.51.100.2",
-            "192.0.2.2/32",
-            None,
-        )],
+        vec![laptop_peer(&laptop, None)],
     );
     gateway.reconcile(spec.clone());
     assert_eq!(gateway.peer("laptop").2, EnforcementState::Enforced);
@@ -424,21 +446,12 @@ fn a_detached_fast_path_withdraws_every_peer_until_it_is_back() {
 /// peer is written to WireGuard, and a peer leaves WireGuard before its pin leaves.
 #[test]
 fn peers_go_live_after_their_pins_and_leave_before_them() {
-    let lan = Lan::new();
-    let scratch = Scratch::new();
-    let id = unique_id();
-    let gateway = Gateway::start(&lan, &scratch);
+    let Testbed { gateway, id, .. } = &Testbed::new();
     let laptop = SecretKey::generate().expect("key");
     let with = gateway_spec(
         &format!("wgo{id}"),
         PinMode::Shared,
-        vec![rendered_peer(
-            "laptop",
-            &laptop,
-            "198.51.100.2",
-            "192.0.2.2/32",
-            None,
-        )],
+        vec![laptop_peer(&laptop, None)],
     );
     let without = gateway_spec(&format!("wgo{id}"), PinMode::Shared, vec![]);
     let laptop_key = laptop.public_key();

@@ -9,6 +9,7 @@ use wgpin_crds::{
     admission::Admission,
     validate::{FieldError, decode},
 };
+use wgpin_test_apiserver::merge;
 
 #[derive(Deserialize)]
 struct Table {
@@ -31,22 +32,6 @@ struct Case {
 enum Expect {
     Accept,
     Reject,
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target.as_object_mut(), patch.as_object()) {
-        (Some(target), Some(patch)) => {
-            for (key, value) in patch {
-                if value.is_null() {
-                    target.remove(key);
-                } else {
-                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
-                }
-            }
-        }
-        _ => *target = patch.clone(),
-    }
 }
 
 /// The Rust side: decode into the typed object, then validate its spec.

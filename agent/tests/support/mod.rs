@@ -162,7 +162,7 @@ impl Drop for Pair {
 }
 
 /// Creates network namespaces, loopback up.
-fn add_namespaces(names: &[&str]) {
+pub fn add_namespaces(names: &[&str]) {
     for ns in names {
         run("ip", &["netns", "add", ns]);
         run("ip", &["-n", ns, "link", "set", "lo", "up"]);
@@ -170,14 +170,13 @@ fn add_namespaces(names: &[&str]) {
 }
 
 /// Deletes network namespaces; a namespace's veth ends go with it, and their peers too.
-fn delete_namespaces(names: &[&str]) {
+pub fn delete_namespaces(names: &[&str]) {
     for ns in names {
         let _ = Command::new("ip").args(["netns", "del", ns]).output();
     }
 }
 
-/// A veth pair between two namespaces, both ends up with their addresses (IPv6 without
-/// duplicate address detection, so they are usable at once).
+/// A veth pair between two namespaces, both ends up with their addresses.
 fn veth(a: (&str, &str, &[String]), b: (&str, &str, &[String])) {
     run(
         "ip",
@@ -186,14 +185,20 @@ fn veth(a: (&str, &str, &[String]), b: (&str, &str, &[String])) {
         ],
     );
     for (ns, dev, addresses) in [a, b] {
-        for address in addresses {
-            let mut args = vec!["-n", ns, "addr", "add", address.as_str(), "dev", dev];
-            if address.contains(':') {
-                args.push("nodad");
-            }
-            run("ip", &args);
-        }
+        add_addresses(ns, dev, addresses);
         run("ip", &["-n", ns, "link", "set", dev, "up"]);
+    }
+}
+
+/// Adds addresses to a device (IPv6 without duplicate address detection, so they are usable
+/// at once).
+pub fn add_addresses(ns: &str, dev: &str, addresses: &[String]) {
+    for address in addresses {
+        let mut args = vec!["-n", ns, "addr", "add", address.as_str(), "dev", dev];
+        if address.contains(':') {
+            args.push("nodad");
+        }
+        run("ip", &args);
     }
 }
 

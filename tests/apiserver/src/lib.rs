@@ -118,8 +118,10 @@ fn respond(code: StatusCode, body: &Value) -> Response<Body> {
     response
 }
 
-/// RFC 7386 merge patch.
-fn merge(target: &mut Value, patch: &Value) {
+/// RFC 7386 JSON merge patch: what `PATCH` with `application/merge-patch+json` does, and what
+/// this server uses for server-side apply. Public for tests that build objects from a base and
+/// a change.
+pub fn merge(target: &mut Value, patch: &Value) {
     match (target.as_object_mut(), patch.as_object()) {
         (Some(target), Some(patch)) => {
             for (key, value) in patch {
