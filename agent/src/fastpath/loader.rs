@@ -182,6 +182,19 @@ fn link_err(what: impl Into<String>) -> impl FnOnce(LinkError) -> FastPathError 
 struct HeldLink {
     link: FdLink,
     path: PathBuf,
+    /// The attached program last found to use this agent's maps. A loaded program's maps never
+    /// change, so verification scans the host's programs only when the link holds another one.
+    maps_checked_for: std::cell::Cell<Option<u32>>,
+}
+
+impl HeldLink {
+    fn new(link: FdLink, path: PathBuf) -> Self {
+        Self {
+            link,
+            path,
+            maps_checked_for: std::cell::Cell::new(None),
+        }
+    }
 }
 
 /// The maps, typed, each holding this agent's file descriptor.
@@ -381,7 +394,7 @@ impl FastPath {
             let link = FdLink::from(pinned);
             let link = self.upgrade(hook, &interface, link, false)?;
             self.links
-                .insert((hook, interface), HeldLink { link, path });
+                .insert((hook, interface), HeldLink::new(link, path));
         }
         Ok(())
     }
@@ -394,13 +407,8 @@ impl FastPath {
         for (hook, interface) in keys {
             if let Some(held) = self.links.remove(&(hook, interface.clone())) {
                 let link = self.upgrade(hook, &interface, held.link, true)?;
-                self.links.insert(
-                    (hook, interface),
-                    HeldLink {
-                        link,
-                        path: held.path,
-                    },
-                );
+                self.links
+                    .insert((hook, interface), HeldLink::new(link, held.path));
             }
         }
         Ok(())
@@ -531,10 +539,7 @@ impl FastPath {
         })?;
         self.links.insert(
             (hook, interface.to_string()),
-            HeldLink {
-                link: FdLink::from(pinned),
-                path,
-            },
+            HeldLink::new(FdLink::from(pinned), path),
         );
         tracing::info!(interface, %hook, %reason, "fast path attached");
         Ok(Attachment {
@@ -651,6 +656,9 @@ impl FastPath {
                 "program {program_id} is no longer attached to the interface"
             ));
         }
+        if held.maps_checked_for.get() == Some(program_id) {
+            return Ok(());
+        }
         let program = loaded_programs()
             .flatten()
             .find(|p| p.id() == program_id)
@@ -666,6 +674,7 @@ impl FastPath {
                 ));
             }
         }
+        held.maps_checked_for.set(Some(program_id));
         Ok(())
     }
 
