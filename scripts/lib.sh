@@ -15,6 +15,17 @@ need_root() {
     [ "$(id -u)" -eq 0 ] || die "run this as root (sudo $0): it installs packages and, in later tiers, creates network namespaces"
 }
 
+# report_disk_space: a full build and test run needs about 4 GiB under target/; say so before
+# the compiler fails half-way with "No space left on device".
+report_disk_space() {
+    local free_kib
+    free_kib="$(df --output=avail -k "$WGPIN_ROOT" | tail -1 | tr -d ' ')"
+    printf 'free disk space under %s: %d MiB\n' "$WGPIN_ROOT" "$((free_kib / 1024))"
+    if [ "$free_kib" -lt $((5 * 1024 * 1024)) ]; then
+        printf 'warning: less than 5 GiB free; the build may fail with "No space left on device"\n' >&2
+    fi
+}
+
 apt_updated=""
 # ensure_apt PACKAGE... : installs the Debian packages that are not installed yet.
 ensure_apt() {

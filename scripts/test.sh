@@ -5,6 +5,9 @@ source "$(dirname "$0")/lib.sh"
 need_root
 "$WGPIN_ROOT/scripts/setup.sh" --test
 cd "$WGPIN_ROOT"
+# The incremental cache would double the build on disk and a one-off run never reuses it.
+export CARGO_INCREMENTAL=0
+report_disk_space
 
 # Each check counts one, and each test run by the cargo test step one more.
 passed=0
