@@ -7,6 +7,8 @@
 //! `PinnedPeer.status`.
 
 pub mod controller;
+pub mod events;
+pub mod leader;
 pub mod render;
 pub mod rollup;
 

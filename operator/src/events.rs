@@ -1,0 +1,1 @@
+//! Kubernetes Events on PinnedPeers (being written).
