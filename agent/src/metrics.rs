@@ -14,7 +14,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use wgpin_common::Counters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,50 +213,17 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            let mut request = vec![0u8; 2048];
-            let Ok(Ok(len)) =
-                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut request))
-                    .await
-            else {
-                return;
-            };
-            let line = String::from_utf8_lossy(&request[..len]);
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (status, content_type, body) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    metrics.encode(),
-                ),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" if ready.load(std::sync::atomic::Ordering::Relaxed) => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "the fast path is not verified\n".to_string(),
-                ),
-                _ => (
-                    "404 Not Found",
-                    "text/plain",
-                    "try /metrics, /healthz or /readyz\n".to_string(),
-                ),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
-    }
+    let probes = wgpin_operator::http::Probes {
+        metrics: Arc::new(move || metrics.encode()),
+        readiness: Arc::new(move || {
+            if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("the fast path is not verified".to_string())
+            }
+        }),
+    };
+    wgpin_operator::http::serve(listener, probes).await;
 }
 
 #[cfg(test)]

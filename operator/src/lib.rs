@@ -8,7 +8,9 @@
 
 pub mod controller;
 pub mod events;
+pub mod http;
 pub mod leader;
+pub mod metrics;
 pub mod render;
 pub mod rollup;
 

@@ -10,8 +10,19 @@ use wgpin_crds::{
         api::{Patch, PatchParams, PostParams},
     },
 };
-use wgpin_operator::controller::{PassReport, reconcile_all};
-use wgpin_test_apiserver::FakeApiServer;
+use wgpin_operator::{
+    controller::{Controller, ControllerSettings, PassReport, Snapshot, reconcile_all},
+    metrics::{ErrorReason, Metrics},
+};
+use wgpin_test_apiserver::{Failure, FakeApiServer};
+
+fn controller(client: &Client) -> Controller {
+    Controller::new(
+        client.clone(),
+        ControllerSettings::default(),
+        std::sync::Arc::new(Metrics::new()),
+    )
+}
 
 fn now() -> Time {
     Time(Timestamp::from_second(1_700_000_000).expect("timestamp"))
@@ -238,8 +249,9 @@ async fn the_loop_follows_changes_settles_and_stops_on_shutdown() {
         ..Default::default()
     };
     let running = tokio::spawn(wgpin_operator::controller::run(
-        client.clone(),
+        controller(&client),
         settings,
+        Default::default(),
         now,
         async {
             let _ = stopped.await;
@@ -284,6 +296,318 @@ async fn the_loop_follows_changes_settles_and_stops_on_shutdown() {
         server.writes()
     );
 
+    let _ = stop.send(());
+    tokio::time::timeout(std::time::Duration::from_secs(5), running)
+        .await
+        .expect("stops")
+        .expect("no panic");
+}
+
+/// An agent's report for `node`: the peers it runs, at `generation` of its state.
+async fn agent_reports(client: &Client, node: &str, generation: i64, peers: &[&str]) {
+    let peers: Vec<_> = peers
+        .iter()
+        .map(|name| json!({"name": name, "state": "Enforced", "observedGeneration": 1}))
+        .collect();
+    let report = json!({"apiVersion": "wgpin.io/v1alpha1", "kind": "PinnedNodeState", "status": {
+        "observedGeneration": generation,
+        "interfaces": [{"name": "gateway", "mode": "Dedicated", "peers": peers}]}});
+    Api::<PinnedNodeState>::all(client.clone())
+        .patch_status(
+            node,
+            &PatchParams::apply("wgpin-agent"),
+            &Patch::Apply(&report),
+        )
+        .await
+        .expect("agent report");
+}
+
+#[tokio::test]
+async fn a_deleted_peer_leaves_every_node_before_it_disappears() {
+    let server = FakeApiServer::new();
+    let client = server.client();
+    setup(&client).await;
+    let first = reconcile_all(&client, now()).await.expect("first pass");
+    assert_eq!(first.finalizers_added, ["alice", "bob"]);
+    for node in ["gw-a", "gw-b"] {
+        agent_reports(&client, node, 1, &["alice", "bob"]).await;
+    }
+    let peers: Api<PinnedPeer> = Api::all(client.clone());
+    let states: Api<PinnedNodeState> = Api::all(client.clone());
+    let mut controller = controller(&client);
+    controller
+        .pass(&Snapshot::list(&client).await.expect("list"), now())
+        .await
+        .expect("pass");
+
+    // kubectl delete: the finalizer holds the object while the nodes still run the key.
+    peers
+        .delete("alice", &Default::default())
+        .await
+        .expect("delete");
+    let pass = controller
+        .pass(&Snapshot::list(&client).await.expect("list"), now())
+        .await
+        .expect("pass");
+    assert_eq!(
+        pass.node_states_applied,
+        ["gw-a", "gw-b"],
+        "alice leaves both specs"
+    );
+    assert!(
+        pass.finalizers_removed.is_empty(),
+        "the agents still run alice: {pass:?}"
+    );
+    for node in ["gw-a", "gw-b"] {
+        let state = states.get(node).await.expect("state");
+        assert!(
+            state.spec.interfaces[0]
+                .peers
+                .iter()
+                .all(|p| p.name != "alice")
+        );
+    }
+    assert!(peers.get("alice").await.is_ok(), "still held");
+
+    // One agent confirms: still held by the other.
+    agent_reports(&client, "gw-a", 2, &["bob"]).await;
+    let pass = controller
+        .pass(&Snapshot::list(&client).await.expect("list"), now())
+        .await
+        .expect("pass");
+    assert!(
+        pass.finalizers_removed.is_empty(),
+        "gw-b has not confirmed: {pass:?}"
+    );
+
+    // The other confirms: the finalizer goes, and with it the object.
+    agent_reports(&client, "gw-b", 2, &["bob"]).await;
+    let pass = controller
+        .pass(&Snapshot::list(&client).await.expect("list"), now())
+        .await
+        .expect("pass");
+    assert_eq!(pass.finalizers_removed, [("alice".to_string(), vec![])]);
+    assert!(peers.get("alice").await.is_err(), "gone once released");
+    let bob = peers.get("bob").await.expect("bob");
+    assert!(
+        bob.metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.len() == 1)
+    );
+}
+
+#[tokio::test]
+async fn a_silent_agent_holds_a_deletion_only_for_the_grace_period_and_a_gone_node_not_at_all() {
+    let server = FakeApiServer::new();
+    let client = server.client();
+    setup(&client).await;
+    reconcile_all(&client, now()).await.expect("first pass");
+    for node in ["gw-a", "gw-b"] {
+        agent_reports(&client, node, 1, &["alice", "bob"]).await;
+    }
+    let peers: Api<PinnedPeer> = Api::all(client.clone());
+    let mut controller = Controller::new(
+        client.clone(),
+        ControllerSettings {
+            cleanup_grace: std::time::Duration::from_secs(60),
+        },
+        std::sync::Arc::new(Metrics::new()),
+    );
+    // The fake server stamps deletions with the wall clock; passes run at "deleted + n s".
+    peers
+        .delete("alice", &Default::default())
+        .await
+        .expect("delete");
+    let deleted_at = peers
+        .get("alice")
+        .await
+        .expect("held")
+        .metadata
+        .deletion_timestamp
+        .expect("deleting");
+    let at = |seconds: i64| {
+        Time(Timestamp::from_second(deleted_at.0.as_second() + seconds).expect("timestamp"))
+    };
+    // gw-b's node is removed from the cluster; gw-a's agent never answers.
+    Api::<Node>::all(client.clone())
+        .delete("gw-b", &Default::default())
+        .await
+        .expect("delete node");
+    let pass = controller
+        .pass(&Snapshot::list(&client).await.expect("list"), at(1))
+        .await
+        .expect("pass");
+    assert_eq!(pass.node_states_deleted, ["gw-b"]);
+    assert!(
+        pass.finalizers_removed.is_empty(),
+        "gw-a still runs alice: {pass:?}"
+    );
+    let pass = controller
+        .pass(&Snapshot::list(&client).await.expect("list"), at(59))
+        .await
+        .expect("pass");
+    assert!(
+        pass.finalizers_removed.is_empty(),
+        "within the grace: {pass:?}"
+    );
+    let pass = controller
+        .pass(&Snapshot::list(&client).await.expect("list"), at(60))
+        .await
+        .expect("pass");
+    assert_eq!(
+        pass.finalizers_removed,
+        [("alice".to_string(), vec!["gw-a".to_string()])],
+        "released after the grace, naming the node that never confirmed"
+    );
+    assert!(peers.get("alice").await.is_err());
+}
+
+#[tokio::test]
+async fn a_failed_write_stops_the_pass_and_a_restarted_operator_finishes_the_work_once() {
+    let server = FakeApiServer::new();
+    let client = server.client();
+    setup(&client).await;
+    server.fail_next(Failure {
+        method: Some(http::Method::PATCH),
+        path_contains: "pinnednodestates/gw-b".to_string(),
+        status: 500,
+    });
+    let error = reconcile_all(&client, now())
+        .await
+        .expect_err("the injected failure");
+    assert_eq!(error.reason, ErrorReason::NodeState);
+    assert!(
+        error.to_string().contains("applying PinnedNodeState gw-b"),
+        "{error}"
+    );
+    let writes: Vec<_> = server.writes().into_iter().map(|w| w.name).collect();
+    assert!(writes.contains(&"gw-a".to_string()), "{writes:?}");
+
+    // A new operator (a restart, nothing remembered) picks up where the first stopped.
+    server.clear_writes();
+    let pass = controller(&client)
+        .pass(&Snapshot::list(&client).await.expect("list"), now())
+        .await
+        .expect("pass");
+    assert_eq!(pass.node_states_applied, ["gw-b"], "gw-a was done already");
+    assert_eq!(pass.peer_statuses_written, ["alice", "bob"]);
+    assert!(pass.finalizers_added.is_empty(), "added before the failure");
+    let again = reconcile_all(&client, now()).await.expect("pass");
+    assert_eq!(again, PassReport::default());
+}
+
+#[tokio::test]
+async fn nodes_and_interfaces_come_and_go() {
+    let server = FakeApiServer::new();
+    let client = server.client();
+    setup(&client).await;
+    reconcile_all(&client, now()).await.expect("first pass");
+    let states: Api<PinnedNodeState> = Api::all(client.clone());
+
+    // A new gateway node gets a state; nothing else is rewritten.
+    create::<Node>(
+        &client,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gw-c", "labels": {"wgpin.io/gateway": "true"}}}),
+    )
+    .await;
+    let pass = reconcile_all(&client, now()).await.expect("pass");
+    assert_eq!(pass.node_states_applied, ["gw-c"]);
+    assert_eq!(
+        pass.peer_statuses_written,
+        ["alice", "bob"],
+        "three nodes selected now"
+    );
+    let gw_c = states.get("gw-c").await.expect("state");
+    assert_eq!(
+        gw_c.spec.interfaces[0]
+            .peers
+            .iter()
+            .map(|p| p.dedicated_port)
+            .collect::<Vec<_>>(),
+        [Some(51820), Some(51821)],
+        "the same ports on every node"
+    );
+
+    // The interface goes: every state goes, and the peers say why.
+    Api::<PinnedInterface>::all(client.clone())
+        .delete("gateway", &Default::default())
+        .await
+        .expect("delete interface");
+    let pass = reconcile_all(&client, now()).await.expect("pass");
+    assert_eq!(pass.node_states_deleted, ["gw-a", "gw-b", "gw-c"]);
+    let alice = Api::<PinnedPeer>::all(client.clone())
+        .get("alice")
+        .await
+        .expect("peer")
+        .status
+        .expect("status");
+    let stalled = alice
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled")
+        .expect("Stalled");
+    assert_eq!(stalled.reason, "InterfaceNotFound");
+}
+
+#[tokio::test]
+async fn the_loop_survives_expired_watches_and_api_errors() {
+    let server = FakeApiServer::new();
+    let client = server.client();
+    setup(&client).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let settings = wgpin_operator::controller::LoopSettings {
+        debounce: std::time::Duration::from_millis(20),
+        max_backoff: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let running = tokio::spawn(wgpin_operator::controller::run(
+        controller(&client),
+        settings,
+        ready.clone(),
+        now,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let states: Api<PinnedNodeState> = Api::all(client.clone());
+    eventually("the first pass", || {
+        let ready = ready.clone();
+        async move { ready.load(std::sync::atomic::Ordering::Relaxed) }
+    })
+    .await;
+
+    // The history the watches resume from is gone: they get 410, list again, and go on.
+    server.compact();
+    // And the next write to gw-a's state fails once: the pass is retried after a backoff.
+    server.fail_next(Failure {
+        method: Some(http::Method::PATCH),
+        path_contains: "pinnednodestates/gw-a".to_string(),
+        status: 503,
+    });
+    Api::<PinnedPeer>::all(client.clone())
+        .patch(
+            "alice",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sources": ["192.0.2.7/32"]}})),
+        )
+        .await
+        .expect("change alice");
+    for node in ["gw-a", "gw-b"] {
+        eventually(&format!("alice's new pin on {node}"), || {
+            let states = states.clone();
+            async move {
+                states.get(node).await.is_ok_and(|s| {
+                    s.spec.interfaces[0]
+                        .peers
+                        .iter()
+                        .any(|p| p.name == "alice" && p.sources == ["192.0.2.7/32"])
+                })
+            }
+        })
+        .await;
+    }
     let _ = stop.send(());
     tokio::time::timeout(std::time::Duration::from_secs(5), running)
         .await
