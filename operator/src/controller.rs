@@ -37,12 +37,14 @@ use wgpin_crds::{
     kube::{
         Api, Client, Resource, ResourceExt,
         api::{DeleteParams, ListParams, Patch, PatchParams},
+        core::PartialObjectMeta,
         runtime::{WatchStreamExt as _, reflector, reflector::Store, watcher},
     },
 };
 
 use crate::{
     NodeInfo, PortAssignments, RollUpInput,
+    events::{EventPlanner, EventSettings, EventWriter, PassInput},
     metrics::{ErrorReason, Metrics, PassResult, WriteKind},
     render, roll_up,
 };
@@ -64,6 +66,8 @@ pub struct PassReport {
     /// Deleted peers let go, each with the nodes that had not confirmed the removal (empty when
     /// all had; non-empty only after the cleanup grace ran out).
     pub finalizers_removed: Vec<(String, Vec<String>)>,
+    /// Events written (violations, invalid specs), rate-limited by [`EventPlanner`].
+    pub events_written: usize,
 }
 
 impl PassReport {
@@ -73,6 +77,7 @@ impl PassReport {
             + self.peer_statuses_written.len()
             + self.finalizers_added.len()
             + self.finalizers_removed.len()
+            + self.events_written
     }
 }
 
@@ -101,10 +106,10 @@ fn api_err(
 /// Every input of a pass.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub interfaces: Vec<PinnedInterface>,
-    pub peers: Vec<PinnedPeer>,
+    pub interfaces: Vec<Arc<PinnedInterface>>,
+    pub peers: Vec<Arc<PinnedPeer>>,
     pub nodes: Vec<NodeInfo>,
-    pub states: BTreeMap<String, PinnedNodeState>,
+    pub states: BTreeMap<String, Arc<PinnedNodeState>>,
 }
 
 fn node_info(node: &Node) -> NodeInfo {
@@ -124,12 +129,18 @@ impl Snapshot {
                 .list(&all)
                 .await
                 .map_err(read("PinnedInterfaces"))?
-                .items,
+                .items
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
             peers: Api::<PinnedPeer>::all(client.clone())
                 .list(&all)
                 .await
                 .map_err(read("PinnedPeers"))?
-                .items,
+                .items
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
             nodes: Api::<Node>::all(client.clone())
                 .list(&all)
                 .await
@@ -144,18 +155,23 @@ impl Snapshot {
                 .map_err(read("PinnedNodeStates"))?
                 .items
                 .into_iter()
-                .map(|state| (state.name_any(), state))
+                .map(|state| (state.name_any(), Arc::new(state)))
                 .collect(),
         })
     }
 }
 
-/// What this controller wrote, keyed by object name, with the resourceVersion its cache showed
-/// at the time. While the cache still shows that version, the cache is behind our own write and
-/// the memo is the truth; once the version moves, the cache is.
+/// What this controller wrote recently, by object name. The watch caches lag behind our own
+/// writes, and an object written twice in a row (a finalizer, then a status) shows the first
+/// write before the second. Until the cache shows what we wrote, or [`MEMO_TTL`] has passed,
+/// the memo is the truth; after that the cache is, so a change made by someone else is repaired.
 struct WriteMemo<T> {
-    entries: HashMap<String, (Option<String>, T)>,
+    entries: HashMap<String, (Instant, T)>,
 }
+
+/// How long the memo outranks the cache: far longer than a watch takes to deliver our own
+/// write, short enough that an outside edit of an object we wrote is repaired soon.
+const MEMO_TTL: Duration = Duration::from_secs(10);
 
 impl<T> Default for WriteMemo<T> {
     fn default() -> Self {
@@ -166,36 +182,39 @@ impl<T> Default for WriteMemo<T> {
 }
 
 impl<T> WriteMemo<T> {
-    /// What we wrote, if the cache (at version `seen`) has not caught up with it yet.
-    fn pending(&mut self, name: &str, seen: Option<&str>) -> Option<&T> {
-        let current = self
+    /// What we wrote, unless the cache has caught up (`cache_shows` says so) or it is old.
+    fn pending(&mut self, name: &str, cache_shows: impl FnOnce(&T) -> bool) -> Option<&T> {
+        let stale = self
             .entries
             .get(name)
-            .is_some_and(|(version, _)| version.as_deref() == seen);
-        if !current {
+            .is_some_and(|(at, written)| at.elapsed() >= MEMO_TTL || cache_shows(written));
+        if stale {
             self.entries.remove(name);
-            return None;
         }
         self.entries.get(name).map(|(_, written)| written)
     }
 
-    fn record(&mut self, name: &str, seen: Option<String>, written: T) {
-        self.entries.insert(name.to_string(), (seen, written));
+    fn record(&mut self, name: &str, written: T) {
+        self.entries
+            .insert(name.to_string(), (Instant::now(), written));
     }
 }
 
 /// How a pass behaves.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ControllerSettings {
     /// The longest a deleted `PinnedPeer` waits for agents to confirm its removal. An agent that
     /// is down would otherwise hold the deletion forever; its node gets the new spec anyway.
     pub cleanup_grace: Duration,
+    /// Where Events go and who reports them.
+    pub events: EventSettings,
 }
 
 impl Default for ControllerSettings {
     fn default() -> Self {
         Self {
             cleanup_grace: Duration::from_secs(300),
+            events: EventSettings::new(FIELD_MANAGER),
         }
     }
 }
@@ -208,7 +227,10 @@ pub struct Controller {
     applied: WriteMemo<PinnedNodeStateSpec>,
     deleted: WriteMemo<()>,
     statuses: WriteMemo<PinnedPeerStatus>,
-    finalized: WriteMemo<()>,
+    finalizers_added: WriteMemo<()>,
+    released: WriteMemo<()>,
+    planner: EventPlanner,
+    events: EventWriter,
 }
 
 fn has_finalizer(peer: &PinnedPeer) -> bool {
@@ -223,13 +245,16 @@ fn seconds_between(earlier: &Time, later: &Time) -> u64 {
 impl Controller {
     pub fn new(client: Client, settings: ControllerSettings, metrics: Arc<Metrics>) -> Self {
         Self {
+            events: EventWriter::new(client.clone(), settings.events.clone()),
+            planner: EventPlanner::default(),
             client,
             settings,
             metrics,
             applied: WriteMemo::default(),
             deleted: WriteMemo::default(),
             statuses: WriteMemo::default(),
-            finalized: WriteMemo::default(),
+            finalizers_added: WriteMemo::default(),
+            released: WriteMemo::default(),
         }
     }
 
@@ -257,6 +282,7 @@ impl Controller {
                     .wrote(WriteKind::FinalizerAdd, report.finalizers_added.len());
                 self.metrics
                     .wrote(WriteKind::FinalizerRemove, report.finalizers_removed.len());
+                self.metrics.wrote(WriteKind::Event, report.events_written);
                 PassResult::Ok
             }
             Err(error) => {
@@ -286,7 +312,7 @@ impl Controller {
             let name = peer.name_any();
             let status = match self
                 .statuses
-                .pending(&name, peer.resource_version().as_deref())
+                .pending(&name, |written| peer.status.as_ref() == Some(written))
             {
                 Some(written) => Some(written.clone()),
                 None => peer.status.clone(),
@@ -300,7 +326,7 @@ impl Controller {
             let version = peer.resource_version();
             if peer.meta().deletion_timestamp.is_some()
                 || has_finalizer(peer)
-                || self.finalized.pending(&name, version.as_deref()).is_some()
+                || self.finalizers_added.pending(&name, |_| false).is_some()
             {
                 continue;
             }
@@ -317,12 +343,12 @@ impl Controller {
                     ErrorReason::Finalizer,
                     format!("adding the finalizer to PinnedPeer {name}"),
                 ))?;
-            self.finalized.record(&name, version, ());
+            self.finalizers_added.record(&name, ());
             report.finalizers_added.push(name);
         }
 
         // Render what is live: a peer being deleted leaves every node now.
-        let live: Vec<PinnedPeer> = snapshot
+        let live: Vec<Arc<PinnedPeer>> = snapshot
             .peers
             .iter()
             .filter(|peer| peer.meta().deletion_timestamp.is_none())
@@ -343,9 +369,12 @@ impl Controller {
         let apply = PatchParams::apply(FIELD_MANAGER).force();
         for (node, spec) in &rendered.nodes {
             let existing = snapshot.states.get(node);
-            let version = existing.and_then(|state| state.resource_version());
-            let unchanged = existing.is_some_and(|state| state.spec == *spec)
-                || self.applied.pending(node, version.as_deref()) == Some(spec);
+            let cached = existing.map(|state| &state.spec);
+            let unchanged = cached == Some(spec)
+                || self
+                    .applied
+                    .pending(node, |written| cached == Some(written))
+                    == Some(spec);
             if unchanged {
                 continue;
             }
@@ -360,7 +389,7 @@ impl Controller {
                     ErrorReason::NodeState,
                     format!("applying PinnedNodeState {node}"),
                 ))?;
-            self.applied.record(node, version, spec.clone());
+            self.applied.record(node, spec.clone());
             report.node_states_applied.push(node.clone());
         }
         for (name, state) in &snapshot.states {
@@ -368,10 +397,9 @@ impl Controller {
                 .labels()
                 .get(MANAGED_BY.0)
                 .is_some_and(|v| v == MANAGED_BY.1);
-            let version = state.resource_version();
             if !ours
                 || rendered.nodes.contains_key(name)
-                || self.deleted.pending(name, version.as_deref()).is_some()
+                || self.deleted.pending(name, |_| false).is_some()
             {
                 continue;
             }
@@ -386,7 +414,7 @@ impl Controller {
                     )(e));
                 }
             }
-            self.deleted.record(name, version, ());
+            self.deleted.record(name, ());
             report.node_states_deleted.push(name.clone());
         }
 
@@ -402,7 +430,7 @@ impl Controller {
             }
             let name = peer.name_any();
             let version = peer.resource_version();
-            if self.finalized.pending(&name, version.as_deref()).is_some() {
+            if self.released.pending(&name, |_| false).is_some() {
                 continue;
             }
             let holders = nodes_still_running(snapshot, &rendered.nodes, &existing_nodes, &name);
@@ -439,7 +467,7 @@ impl Controller {
                     )(e));
                 }
             }
-            self.finalized.record(&name, version, ());
+            self.released.record(&name, ());
             report.finalizers_removed.push((name, holders));
         }
 
@@ -474,7 +502,7 @@ impl Controller {
             let name = peer.name_any();
             let previous = current_status.get(&name).cloned().flatten();
             let status = roll_up(&RollUpInput {
-                peer,
+                peer: peer.as_ref(),
                 nodes: rendered_on
                     .get(&name)
                     .map(Vec::as_slice)
@@ -506,10 +534,22 @@ impl Controller {
                     ErrorReason::PeerStatus,
                     format!("writing the status of PinnedPeer {name}"),
                 ))?;
-            self.statuses
-                .record(&name, peer.resource_version(), status.clone());
+            self.statuses.record(&name, status.clone());
             current_status.insert(name.clone(), Some(status));
             report.peer_statuses_written.push(name);
+        }
+
+        // Events last: a failed one is counted and dropped, never fails the pass.
+        let planned = self.planner.plan(&PassInput {
+            peers: &snapshot.peers,
+            reports: &reports,
+            problems: &rendered.problems,
+            now: &now,
+        });
+        let published = self.events.publish(&planned, &now).await;
+        report.events_written = published.written;
+        for _ in 0..published.failed {
+            self.metrics.error(ErrorReason::Event);
         }
 
         self.count_objects(snapshot, &current_status);
@@ -600,6 +640,13 @@ fn nodes_still_running(
         .collect()
 }
 
+impl Controller {
+    /// When Events held back by the rate limit are due, if any are: the loop runs a pass then.
+    pub fn next_due(&self) -> Option<Time> {
+        self.planner.next_due()
+    }
+}
+
 /// One pass over a fresh list of everything (tests, one-off runs).
 pub async fn reconcile_all(client: &Client, now: Time) -> Result<PassReport, ControllerError> {
     let snapshot = Snapshot::list(client).await?;
@@ -644,22 +691,17 @@ where
 {
     let (reader, writer) = reflector::store();
     // `true` once a listing is complete; errors are retried by the watcher with a backoff.
+    // managedFields are dropped before caching: nothing reads them, and at 10,000 objects they
+    // are a good part of the memory.
     let stream = reflector(
         writer,
-        watcher(api, watcher::Config::default().any_semantic()),
+        watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(|object| object.managed_fields_mut().clear()),
     )
-    .default_backoff()
     .map(move |event| (index, event.map(|e| matches!(e, watcher::Event::InitDone))))
     .boxed();
     (reader, stream)
-}
-
-fn contents<K>(store: &Store<K>) -> Vec<K>
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    store.state().iter().map(|k| k.as_ref().clone()).collect()
 }
 
 /// Watches every input into caches and runs a pass after each burst of changes, at least every
@@ -675,7 +717,9 @@ pub async fn run(
     let client = controller.client.clone();
     let (interfaces, interface_events) = cached(Api::<PinnedInterface>::all(client.clone()), 0);
     let (peers, peer_events) = cached(Api::<PinnedPeer>::all(client.clone()), 1);
-    let (nodes, node_events) = cached(Api::<Node>::all(client.clone()), 2);
+    // The Nodes' metadata only: labels are all a pass reads, and a Node's status (images,
+    // conditions) is many times the size of its metadata.
+    let (nodes, node_events) = cached(Api::<PartialObjectMeta<Node>>::all(client.clone()), 2);
     let (states, state_events) = cached(Api::<PinnedNodeState>::all(client.clone()), 3);
     let mut events =
         futures::stream::select_all([interface_events, peer_events, node_events, state_events]);
@@ -695,7 +739,16 @@ pub async fn run(
         } else if pending {
             settings.debounce
         } else {
-            settings.resync
+            // Held-back Events are due before the resync, perhaps.
+            let due = controller.next_due().map(|due| {
+                let now = now();
+                Duration::from_millis(
+                    u64::try_from(due.0.as_millisecond() - now.0.as_millisecond()).unwrap_or(0),
+                )
+            });
+            due.map_or(settings.resync, |due| {
+                due.clamp(settings.debounce, settings.resync)
+            })
         };
         // No pass before every cache holds a full listing: a partial view would delete states.
         let all_synced = synced.iter().all(|s| *s);
@@ -724,10 +777,18 @@ pub async fn run(
             () = tokio::time::sleep(wait), if all_synced => {}
         }
         let snapshot = Snapshot {
-            interfaces: contents(&interfaces),
-            peers: contents(&peers),
-            nodes: nodes.state().iter().map(|n| node_info(n)).collect(),
-            states: contents(&states)
+            interfaces: interfaces.state(),
+            peers: peers.state(),
+            nodes: nodes
+                .state()
+                .iter()
+                .map(|node| NodeInfo {
+                    name: node.name_any(),
+                    labels: node.labels().clone(),
+                })
+                .collect(),
+            states: states
+                .state()
                 .into_iter()
                 .map(|state| (state.name_any(), state))
                 .collect(),

@@ -39,6 +39,22 @@ fn respond(path: &str, probes: &Probes) -> (&'static str, &'static str, String) 
     }
 }
 
+/// The request head, read up to its blank line: a request may arrive in several segments, and
+/// answering before all of it is read would close the connection on unread data (a reset).
+/// `None` if the peer stops early or the head exceeds 8 KiB.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let len = stream.read(&mut buffer).await.ok()?;
+        if len == 0 || head.len() + len > 8192 {
+            return None;
+        }
+        head.extend_from_slice(&buffer[..len]);
+    }
+    Some(head)
+}
+
 /// Serves the probes on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, probes: Probes) {
     loop {
@@ -47,14 +63,13 @@ pub async fn serve(listener: tokio::net::TcpListener, probes: Probes) {
         };
         let probes = probes.clone();
         tokio::spawn(async move {
-            let mut request = vec![0u8; 2048];
-            let Ok(Ok(len)) =
-                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut request))
+            let Ok(Some(request)) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut stream))
                     .await
             else {
                 return;
             };
-            let line = String::from_utf8_lossy(&request[..len]);
+            let line = String::from_utf8_lossy(&request);
             let path = line.split_whitespace().nth(1).unwrap_or("/");
             let (status, content_type, body) = respond(path, &probes);
             let response = format!(
@@ -113,6 +128,39 @@ mod tests {
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200 OK"));
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200 OK"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        server.abort();
+    }
+}
+#[cfg(test)]
+mod fragmented {
+    use super::*;
+
+    /// A request in three segments, as TCP may deliver it: answered once whole, never reset.
+    #[tokio::test]
+    async fn a_request_in_pieces_is_answered_whole() {
+        let probes = Probes {
+            metrics: Arc::new(|| "wgpin_up 1\n".to_string()),
+            readiness: Arc::new(|| Ok(())),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = tokio::spawn(serve(listener, probes));
+        for _ in 0..20 {
+            let mut stream = tokio::net::TcpStream::connect(address)
+                .await
+                .expect("connect");
+            for piece in ["GET ", "/metrics", " HTTP/1.1\r\nhost: x\r\n\r\n"] {
+                stream.write_all(piece.as_bytes()).await.expect("write");
+                stream.flush().await.expect("flush");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.expect("read");
+            assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+            assert!(response.ends_with("wgpin_up 1\n"), "{response}");
+        }
         server.abort();
     }
 }

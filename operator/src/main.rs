@@ -7,11 +7,15 @@
 use std::{
     net::SocketAddr,
     process::ExitCode,
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use clap::{Parser, ValueEnum};
+use futures::FutureExt as _;
 use wgpin_crds::{
     PinnedPeer,
     k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp},
@@ -19,7 +23,9 @@ use wgpin_crds::{
 };
 use wgpin_operator::{
     controller::{Controller, ControllerSettings, LoopSettings, run},
+    events::EventSettings,
     http::{Probes, serve},
+    leader,
     metrics::Metrics,
 };
 
@@ -44,6 +50,16 @@ struct Args {
     /// A pass at least this often even when no watch reported a change, in seconds.
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
+    /// The namespace of the leader-election Lease [default: the client's namespace: the pod's
+    /// own in a cluster].
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// The name of the leader-election Lease.
+    #[arg(long, default_value = "wgpin-operator")]
+    lease_name: String,
+    /// The namespace Events go to (PinnedPeers are cluster-scoped; kubectl looks in "default").
+    #[arg(long, default_value = wgpin_operator::events::DEFAULT_EVENT_NAMESPACE)]
+    event_namespace: String,
 }
 
 fn init_logging(format: LogFormat) {
@@ -53,6 +69,7 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
+            .with_writer(std::io::stderr)
             .init(),
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -143,29 +160,81 @@ async fn operate(args: Args) -> ExitCode {
         readiness: {
             let ready = ready.clone();
             Arc::new(move || {
-                if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                if ready.load(Ordering::Relaxed) {
                     Ok(())
                 } else {
-                    Err("the first reconcile pass has not completed".to_string())
+                    Err("leader: the first reconcile pass has not completed".to_string())
                 }
             })
         },
     };
+    match listener.local_addr() {
+        Ok(address) => tracing::info!(%address, "serving /metrics, /healthz and /readyz"),
+        Err(e) => {
+            tracing::warn!("serving /metrics, /healthz and /readyz at an unknown address: {e}")
+        }
+    }
     tokio::spawn(serve(listener, probes));
 
-    let controller = Controller::new(
-        client,
-        ControllerSettings {
-            cleanup_grace: Duration::from_secs(args.cleanup_grace_seconds),
-        },
-        metrics.clone(),
-    );
-    let settings = LoopSettings {
-        resync: Duration::from_secs(args.resync_seconds),
-        ..LoopSettings::default()
+    // Leader election: every replica serves probes; only the lease holder runs passes. A
+    // fresh controller per term: its memos and Event baseline start from what it sees.
+    let identity = leader::default_identity();
+    let namespace = args
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let (elector, mut leadership) = match leader::LeaderElector::new(
+        client.clone(),
+        leader::Settings::new(namespace, args.lease_name.clone(), identity.clone()),
+    ) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
     };
-    let now = || Time(Timestamp::now());
-    tracing::info!(metrics = %args.metrics_addr, "wgpin-operator running");
-    run(controller, settings, ready, now, termination()).await;
-    ExitCode::SUCCESS
+    let shutdown = termination().shared();
+    let election = tokio::spawn(elector.run(shutdown.clone()));
+    // A standby is ready (it is healthy and can take over); a leader once its first pass is done.
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(%identity, "wgpin-operator running");
+    while leadership.acquired().await {
+        metrics.leader.set(1);
+        ready.store(false, Ordering::Relaxed);
+        let controller = Controller::new(
+            client.clone(),
+            ControllerSettings {
+                cleanup_grace: Duration::from_secs(args.cleanup_grace_seconds),
+                events: EventSettings {
+                    namespace: args.event_namespace.clone(),
+                    ..EventSettings::new(identity.clone())
+                },
+            },
+            metrics.clone(),
+        );
+        let settings = LoopSettings {
+            resync: Duration::from_secs(args.resync_seconds),
+            ..LoopSettings::default()
+        };
+        let now = || Time(Timestamp::now());
+        // Dropping the loop when leadership goes also drops a pass in flight: no write after.
+        let mut lost = leadership.clone();
+        tokio::select! {
+            () = run(controller, settings, ready.clone(), now, std::future::pending()) => {}
+            () = lost.lost() => {}
+        }
+        metrics.leader.set(0);
+        ready.store(true, Ordering::Relaxed);
+    }
+    match election.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            tracing::error!("leader election: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!("leader election stopped: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

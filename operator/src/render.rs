@@ -10,6 +10,7 @@
 //! take something away from an existing one.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet, HashSet},
     fmt,
 };
@@ -167,9 +168,10 @@ impl PrefixIndex {
 }
 
 /// Renders the per-node state. `previous` holds the dedicated ports handed out before.
-pub fn render(
-    interfaces: &[PinnedInterface],
-    peers: &[PinnedPeer],
+/// Takes the objects owned or shared (`Arc`, as the operator's watch caches hold them).
+pub fn render<I: Borrow<PinnedInterface>, P: Borrow<PinnedPeer>>(
+    interfaces: &[I],
+    peers: &[P],
     nodes: &[NodeInfo],
     previous: &PortAssignments,
 ) -> Rendered {
@@ -180,6 +182,7 @@ pub fn render(
         BTreeMap::new();
     let mut invalid_interfaces = BTreeSet::new();
     for interface in interfaces {
+        let interface = interface.borrow();
         let name = interface.name_any();
         match interface.spec.validate() {
             Ok(validated) => {
@@ -198,7 +201,7 @@ pub fn render(
     }
 
     // 2. Peers, oldest first: validation, then the cross-object rules.
-    let mut ordered: Vec<&PinnedPeer> = peers.iter().collect();
+    let mut ordered: Vec<&PinnedPeer> = peers.iter().map(Borrow::borrow).collect();
     ordered.sort_by_key(|peer| precedence(*peer));
     let mut key_owner: BTreeMap<[u8; 32], String> = BTreeMap::new();
     let mut routed: BTreeMap<&str, PrefixIndex> = BTreeMap::new();

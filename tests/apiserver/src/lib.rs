@@ -6,9 +6,9 @@
 //!
 //! - get, list (label and field selectors), watch (from a resourceVersion, with bookmarks,
 //!   initial events, `timeoutSeconds`, and `410 Gone` for a version older than the kept history);
-//! - create, replace (`409 Conflict` on a stale `resourceVersion`), merge patch and server-side
-//!   apply (as a merge of the applied object; field ownership is not tracked), on the object or its
-//!   `status` subresource (writes to one never change the other);
+//! - create (also with `generateName`), replace (`409 Conflict` on a stale `resourceVersion`),
+//!   merge patch and server-side apply (as a merge of the applied object; field ownership is not
+//!   tracked), on the object or its `status` subresource (writes to one never change the other);
 //! - delete with finalizers: `deletionTimestamp` is set, and the object goes when its last
 //!   finalizer is removed;
 //! - `metadata.generation` moves on spec changes only, `resourceVersion` on every write;
@@ -29,6 +29,9 @@ use futures::StreamExt as _;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use serde_json::{Value, json};
+
+mod over_http;
+pub use over_http::{kubeconfig, serve_http};
 
 /// Watch events older than this many writes are forgotten; a watch from before them gets 410.
 const HISTORY: usize = 10_000;
@@ -83,6 +86,8 @@ struct State {
     compacted: u64,
     writes: Vec<Write>,
     failures: VecDeque<Failure>,
+    /// Names handed out for `generateName` so far.
+    generated: u64,
 }
 
 /// The server. Cheap to clone; clones share state.
@@ -254,6 +259,20 @@ fn parse_path(path: &str) -> Option<Target> {
         name,
         subresource,
     })
+}
+
+/// Five characters from the API server's alphabet for generated names (no vowels, no
+/// look-alikes), for the `n`th generated name.
+fn generated_suffix(mut n: u64) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let base = ALPHABET.len() as u64;
+    (0..5)
+        .map(|_| {
+            let c = ALPHABET[(n % base) as usize];
+            n /= base;
+            char::from(c)
+        })
+        .collect()
 }
 
 fn api_version(resource: &Resource) -> String {
@@ -522,16 +541,32 @@ impl FakeApiServer {
         let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
             return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
         };
-        let Some(name) = object
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-        else {
-            return status(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Invalid",
-                "metadata.name: Required value",
-            );
+        let name = match object.pointer("/metadata/name").and_then(Value::as_str) {
+            Some(name) => name.to_string(),
+            // `generateName`: the prefix (cut to 58 characters, as the API server does) and
+            // five characters, here from a counter so that tests see the same names each run.
+            None => match object
+                .pointer("/metadata/generateName")
+                .and_then(Value::as_str)
+            {
+                Some(prefix) => {
+                    let prefix: String = prefix.chars().take(58).collect();
+                    let name = {
+                        let mut state = self.lock();
+                        state.generated += 1;
+                        format!("{prefix}{}", generated_suffix(state.generated))
+                    };
+                    object["metadata"]["name"] = Value::String(name.clone());
+                    name
+                }
+                None => {
+                    return status(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Invalid",
+                        "metadata.name: Required value",
+                    );
+                }
+            },
         };
         let key = ObjectKey {
             namespace: target.namespace.clone(),
