@@ -157,6 +157,31 @@ async fn agent_reports_roll_up_and_conflicts_and_departures_are_handled() {
         (stalled.status.as_str(), stalled.reason.as_str()),
         ("True", "DuplicatePublicKey")
     );
+    // ... and one Warning Event on it, not one per pass.
+    assert_eq!(pass.events_written, 1, "{pass:?}");
+    let events: Api<wgpin_crds::k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    let written = events.list(&Default::default()).await.expect("events").items;
+    assert_eq!(written.len(), 1);
+    let event = &written[0];
+    assert_eq!(event.reason.as_deref(), Some("DuplicatePublicKey"));
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        event.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("copycat")
+    );
+    // A running controller remembers what it announced (a restarted one announces it again).
+    let mut running = controller(&client);
+    let first = running
+        .pass(&Snapshot::list(&client).await.expect("list"), now())
+        .await
+        .expect("pass");
+    assert_eq!(first.events_written, 1, "{first:?}");
+    let again = running
+        .pass(&Snapshot::list(&client).await.expect("list"), now())
+        .await
+        .expect("pass");
+    assert_eq!(again.events_written, 0, "announced once: {again:?}");
 
     // A gateway loses its label: its state goes, only it.
     Api::<Node>::all(client.clone())
