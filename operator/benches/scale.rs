@@ -21,10 +21,14 @@ use wgpin_crds::{
     k8s_openapi::api::core::v1::Node,
     kube::{
         Api, Client,
-        api::{Patch, PatchParams, PostParams},
+        api::{Patch, PatchParams},
     },
 };
 use wgpin_test_apiserver::{FakeApiServer, kubeconfig, resource_of, serve_http};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::create;
 
 const NODES: usize = 100;
 const INTERFACES: usize = NODES / 2;
@@ -36,23 +40,6 @@ fn key(i: usize) -> String {
     bytes[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     bytes[31] = 0x42;
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-async fn create<K>(client: &Client, value: Value)
-where
-    K: wgpin_crds::kube::Resource<
-            DynamicType = (),
-            Scope = wgpin_crds::k8s_openapi::ClusterResourceScope,
-        > + Clone
-        + std::fmt::Debug
-        + serde::Serialize
-        + serde::de::DeserializeOwned,
-{
-    let object: K = serde_json::from_value(value).expect("fixture");
-    Api::<K>::all(client.clone())
-        .create(&PostParams::default(), &object)
-        .await
-        .expect("create");
 }
 
 async fn populate(client: &Client) {

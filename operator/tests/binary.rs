@@ -8,17 +8,11 @@ use std::{
     time::Duration,
 };
 
-use wgpin_crds::{
-    PinnedNodeState,
-    kube::{
-        Api,
-        api::{Patch, PatchParams},
-    },
-};
+use wgpin_crds::{PinnedNodeState, kube::Api};
 use wgpin_test_apiserver::{FakeApiServer, kubeconfig, serve_http};
 
 mod support;
-use support::{eventually, setup};
+use support::{eventually, repin, setup, wait_for_pin};
 
 fn http_get(address: SocketAddr, path: &str) -> Option<String> {
     let attempt = || -> std::io::Result<String> {
@@ -257,26 +251,8 @@ async fn two_replicas_one_writes_and_the_other_takes_over_when_it_stops() {
     // follows the next change.
     replicas[leader].terminate();
     let _ = replicas[leader].child.wait();
-    Api::<wgpin_crds::PinnedPeer>::all(client.clone())
-        .patch(
-            "bob",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"sources": ["192.0.2.9/32"]}})),
-        )
-        .await
-        .expect("change bob");
-    eventually("the new leader's pass", || {
-        let states = states.clone();
-        async move {
-            states.get("gw-a").await.is_ok_and(|s| {
-                s.spec.interfaces[0]
-                    .peers
-                    .iter()
-                    .any(|p| p.name == "bob" && p.sources == ["192.0.2.9/32"])
-            })
-        }
-    })
-    .await;
+    repin(&client, "bob", &["192.0.2.9/32"]).await;
+    wait_for_pin(&client, "gw-a", "bob", &["192.0.2.9/32"]).await;
     let text = scrape(probes[standby]).await;
     assert_eq!(
         metric(&text, "wgpin_operator_leader"),

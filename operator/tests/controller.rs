@@ -17,7 +17,7 @@ use wgpin_operator::{
 use wgpin_test_apiserver::{Failure, FakeApiServer};
 
 mod support;
-use support::{agent_reports, create, eventually, now, setup};
+use support::{agent_reports, create, eventually, now, peer_condition, repin, setup, wait_for_pin};
 
 fn controller(client: &Client) -> Controller {
     Controller::new(
@@ -106,21 +106,19 @@ async fn agent_reports_roll_up_and_conflicts_and_departures_are_handled() {
         ["alice"],
         "only the peer whose reports changed"
     );
+    let ready = peer_condition(&client, "alice", "Ready")
+        .await
+        .expect("Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Enforced")
+    );
     let alice = Api::<PinnedPeer>::all(client.clone())
         .get("alice")
         .await
         .expect("peer")
         .status
         .expect("status");
-    let ready = alice
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready");
-    assert_eq!(
-        (ready.status.as_str(), ready.reason.as_str()),
-        ("True", "Enforced")
-    );
     assert_eq!(alice.violations.map(|v| v.count), Some(6));
     assert!(
         alice
@@ -142,16 +140,8 @@ async fn agent_reports_roll_up_and_conflicts_and_departures_are_handled() {
         pass.node_states_applied.is_empty(),
         "the copy changes no node: {pass:?}"
     );
-    let copycat = Api::<PinnedPeer>::all(client.clone())
-        .get("copycat")
+    let stalled = peer_condition(&client, "copycat", "Stalled")
         .await
-        .expect("peer")
-        .status
-        .expect("status");
-    let stalled = copycat
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Stalled")
         .expect("Stalled");
     assert_eq!(
         (stalled.status.as_str(), stalled.reason.as_str()),
@@ -161,7 +151,11 @@ async fn agent_reports_roll_up_and_conflicts_and_departures_are_handled() {
     assert_eq!(pass.events_written, 1, "{pass:?}");
     let events: Api<wgpin_crds::k8s_openapi::api::events::v1::Event> =
         Api::namespaced(client.clone(), "default");
-    let written = events.list(&Default::default()).await.expect("events").items;
+    let written = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items;
     assert_eq!(written.len(), 1);
     let event = &written[0];
     assert_eq!(event.reason.as_deref(), Some("DuplicatePublicKey"));
@@ -226,26 +220,8 @@ async fn the_loop_follows_changes_settles_and_stops_on_shutdown() {
     .await;
 
     // A change to a peer reaches its nodes' states.
-    Api::<PinnedPeer>::all(client.clone())
-        .patch(
-            "bob",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"sources": ["192.0.2.0/24"]}})),
-        )
-        .await
-        .expect("change bob");
-    eventually("bob's new pin on gw-a", || {
-        let states = states.clone();
-        async move {
-            states.get("gw-a").await.is_ok_and(|s| {
-                s.spec.interfaces[0]
-                    .peers
-                    .iter()
-                    .any(|p| p.name == "bob" && p.sources == ["192.0.2.0/24"])
-            })
-        }
-    })
-    .await;
+    repin(&client, "bob", &["192.0.2.0/24"]).await;
+    wait_for_pin(&client, "gw-a", "bob", &["192.0.2.0/24"]).await;
 
     // Then it settles: its own writes cause one more pass that writes nothing.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -479,16 +455,8 @@ async fn nodes_and_interfaces_come_and_go() {
         .expect("delete interface");
     let pass = reconcile_all(&client, now()).await.expect("pass");
     assert_eq!(pass.node_states_deleted, ["gw-a", "gw-b", "gw-c"]);
-    let alice = Api::<PinnedPeer>::all(client.clone())
-        .get("alice")
+    let stalled = peer_condition(&client, "alice", "Stalled")
         .await
-        .expect("peer")
-        .status
-        .expect("status");
-    let stalled = alice
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Stalled")
         .expect("Stalled");
     assert_eq!(stalled.reason, "InterfaceNotFound");
 }
@@ -514,7 +482,6 @@ async fn the_loop_survives_expired_watches_and_api_errors() {
             let _ = stopped.await;
         },
     ));
-    let states: Api<PinnedNodeState> = Api::all(client.clone());
     eventually("the first pass", || {
         let ready = ready.clone();
         async move { ready.load(std::sync::atomic::Ordering::Relaxed) }
@@ -529,27 +496,9 @@ async fn the_loop_survives_expired_watches_and_api_errors() {
         path_contains: "pinnednodestates/gw-a".to_string(),
         status: 503,
     });
-    Api::<PinnedPeer>::all(client.clone())
-        .patch(
-            "alice",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"sources": ["192.0.2.7/32"]}})),
-        )
-        .await
-        .expect("change alice");
+    repin(&client, "alice", &["192.0.2.7/32"]).await;
     for node in ["gw-a", "gw-b"] {
-        eventually(&format!("alice's new pin on {node}"), || {
-            let states = states.clone();
-            async move {
-                states.get(node).await.is_ok_and(|s| {
-                    s.spec.interfaces[0]
-                        .peers
-                        .iter()
-                        .any(|p| p.name == "alice" && p.sources == ["192.0.2.7/32"])
-                })
-            }
-        })
-        .await;
+        wait_for_pin(&client, node, "alice", &["192.0.2.7/32"]).await;
     }
     let _ = stop.send(());
     tokio::time::timeout(std::time::Duration::from_secs(5), running)

@@ -97,3 +97,48 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A peer's status as stored, and one of its conditions (`None` when it has none of that type).
+pub async fn peer_condition(
+    client: &Client,
+    peer: &str,
+    type_: &str,
+) -> Option<wgpin_crds::k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let status = Api::<PinnedPeer>::all(client.clone())
+        .get(peer)
+        .await
+        .expect("peer")
+        .status
+        .expect("status");
+    status.conditions.into_iter().find(|c| c.type_ == type_)
+}
+
+/// Changes a peer's pin (its `sources`).
+pub async fn repin(client: &Client, peer: &str, sources: &[&str]) {
+    Api::<PinnedPeer>::all(client.clone())
+        .patch(
+            peer,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sources": sources}})),
+        )
+        .await
+        .expect("change the pin");
+}
+
+/// Waits until `node`'s state carries `peer` with exactly `sources`.
+pub async fn wait_for_pin(client: &Client, node: &str, peer: &str, sources: &[&str]) {
+    let states: Api<PinnedNodeState> = Api::all(client.clone());
+    eventually(&format!("{peer}'s pin {sources:?} on {node}"), || {
+        let states = states.clone();
+        async move {
+            states.get(node).await.is_ok_and(|s| {
+                s.spec
+                    .interfaces
+                    .iter()
+                    .flat_map(|i| &i.peers)
+                    .any(|p| p.name == peer && p.sources == sources)
+            })
+        }
+    })
+    .await;
+}
