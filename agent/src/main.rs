@@ -4,7 +4,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use wgpin_agent::{
+    cluster,
     dataplane::DataPlaneConfig,
+    enforcer::EnforcerSettings,
     fastpath::{BpfPaths, HookChoice, loader::DEFAULT_BPFFS_ROOT},
     manifests, standalone,
     wireguard::{Backend, Uapi},
@@ -66,6 +68,76 @@ impl ManifestArgs {
     }
 }
 
+/// How this node enforces: where, with which WireGuard, and how often it checks.
+#[derive(clap::Args)]
+struct EnforceArgs {
+    /// An interface WireGuard's packets arrive on; the fast path attaches there (repeatable).
+    #[arg(long = "underlay", required = true)]
+    underlay: Vec<String>,
+    /// The fast-path hook.
+    #[arg(long, value_enum, default_value_t = Hook::Auto)]
+    hook: Hook,
+    /// Node keys and the agent's bookkeeping.
+    #[arg(long, default_value = "/var/lib/wgpin")]
+    state_dir: PathBuf,
+    /// Where the fast path's programs, links and maps are pinned.
+    #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+    bpffs_root: PathBuf,
+    /// Which WireGuard: the kernel's, a userspace implementation, or the kernel's when it has
+    /// one.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// The userspace WireGuard to run for each device.
+    #[arg(long, default_value = "wireguard-go")]
+    wireguard_go: PathBuf,
+    /// Preshared keys: <dir>/<namespace>/<name>/<key>, like mounted Secrets.
+    #[arg(long)]
+    secrets_dir: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Milliseconds between fast-path verifications and endpoint checks.
+    #[arg(long, default_value_t = 200)]
+    guard_interval_ms: u64,
+    /// Milliseconds between re-applications of the whole state (drift repair).
+    #[arg(long, default_value_t = 10_000)]
+    resync_interval_ms: u64,
+}
+
+impl EnforceArgs {
+    fn dataplane(&self) -> DataPlaneConfig {
+        DataPlaneConfig {
+            state_dir: self.state_dir.clone(),
+            bpffs: BpfPaths::new(self.bpffs_root.clone()),
+            underlay: self.underlay.clone(),
+            hook: match self.hook {
+                Hook::Auto => HookChoice::Auto,
+                Hook::Xdp => HookChoice::Xdp,
+                Hook::Tc => HookChoice::Tc,
+            },
+            backend: std::sync::Arc::new(match self.backend {
+                BackendChoice::Auto => Backend::detect(Uapi::default(), self.wireguard_go.clone()),
+                BackendChoice::Kernel => Backend::kernel(),
+                BackendChoice::Userspace => {
+                    Backend::userspace(Uapi::default(), self.wireguard_go.clone())
+                }
+            }),
+            secrets_dir: self.secrets_dir.clone(),
+        }
+    }
+
+    fn guard_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.guard_interval_ms.max(10))
+    }
+
+    fn enforcer(&self) -> EnforcerSettings {
+        EnforcerSettings {
+            resync_interval: std::time::Duration::from_millis(self.resync_interval_ms.max(100)),
+            violation_logs_per_second: 20,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate the manifests in a directory and print the PinnedNodeState this node would
@@ -80,37 +152,21 @@ enum Command {
     Standalone {
         #[command(flatten)]
         manifests: ManifestArgs,
-        /// An interface WireGuard's packets arrive on; the fast path attaches there (repeatable).
-        #[arg(long = "underlay", required = true)]
-        underlay: Vec<String>,
-        /// The fast-path hook.
-        #[arg(long, value_enum, default_value_t = Hook::Auto)]
-        hook: Hook,
-        /// Node keys and the agent's bookkeeping.
-        #[arg(long, default_value = "/var/lib/wgpin")]
-        state_dir: PathBuf,
-        /// Where the fast path's programs, links and maps are pinned.
-        #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
-        bpffs_root: PathBuf,
-        /// Which WireGuard: the kernel's, a userspace implementation, or the kernel's when it
-        /// has one.
-        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-        backend: BackendChoice,
-        /// The userspace WireGuard to run for each device.
-        #[arg(long, default_value = "wireguard-go")]
-        wireguard_go: PathBuf,
-        /// Preshared keys: <dir>/<namespace>/<name>/<key>, like mounted Secrets.
-        #[arg(long)]
-        secrets_dir: Option<PathBuf>,
-        /// Serve /metrics, /healthz and /readyz here.
-        #[arg(long)]
-        metrics_addr: Option<std::net::SocketAddr>,
-        /// Milliseconds between fast-path verifications and endpoint checks.
-        #[arg(long, default_value_t = 200)]
-        guard_interval_ms: u64,
-        /// Milliseconds between re-applications of the whole state (drift repair).
-        #[arg(long, default_value_t = 10_000)]
-        resync_interval_ms: u64,
+        #[command(flatten)]
+        enforce: EnforceArgs,
+    },
+    /// Enforce this node's PinnedNodeState from the cluster and report its status, Events and
+    /// metrics back. Keeps enforcing the last state it received while the API server is away,
+    /// also across restarts. Stopping leaves enforcement in place; the next start adopts it.
+    Cluster {
+        /// This node's name (the downward API's spec.nodeName).
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// The namespace of the Events the agent writes about PinnedPeers.
+        #[arg(long, default_value = "default")]
+        event_namespace: String,
+        #[command(flatten)]
+        enforce: EnforceArgs,
     },
 }
 
@@ -142,52 +198,52 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Render { manifests } => render_command(&manifests),
-        Command::Standalone {
-            manifests,
-            underlay,
-            hook,
-            state_dir,
-            bpffs_root,
-            backend,
-            wireguard_go,
-            secrets_dir,
-            metrics_addr,
-            guard_interval_ms,
-            resync_interval_ms,
-        } => {
+        Command::Standalone { manifests, enforce } => {
+            let enforcer = enforce.enforcer();
             let config = standalone::StandaloneConfig {
                 node: manifests.node_info(),
                 dir: manifests.dir,
-                dataplane: DataPlaneConfig {
-                    state_dir,
-                    bpffs: BpfPaths::new(bpffs_root),
-                    underlay,
-                    hook: match hook {
-                        Hook::Auto => HookChoice::Auto,
-                        Hook::Xdp => HookChoice::Xdp,
-                        Hook::Tc => HookChoice::Tc,
-                    },
-                    backend: std::sync::Arc::new(match backend {
-                        BackendChoice::Auto => Backend::detect(Uapi::default(), wireguard_go),
-                        BackendChoice::Kernel => Backend::kernel(),
-                        BackendChoice::Userspace => {
-                            Backend::userspace(Uapi::default(), wireguard_go)
-                        }
-                    }),
-                    secrets_dir,
-                },
-                metrics_addr,
-                guard_interval: std::time::Duration::from_millis(guard_interval_ms.max(10)),
+                dataplane: enforce.dataplane(),
+                metrics_addr: enforce.metrics_addr,
+                guard_interval: enforce.guard_interval(),
                 reload_interval: std::time::Duration::from_secs(1),
-                resync_interval: std::time::Duration::from_millis(resync_interval_ms.max(100)),
-                violation_logs_per_second: 20,
+                resync_interval: enforcer.resync_interval,
+                violation_logs_per_second: enforcer.violation_logs_per_second,
             };
-            standalone_command(config)
+            run_until_stopped(|shutdown| standalone::run(config, shutdown))
+        }
+        Command::Cluster {
+            node,
+            event_namespace,
+            enforce,
+        } => {
+            let config = cluster::ClusterConfig {
+                node,
+                dataplane: enforce.dataplane(),
+                enforcer: enforce.enforcer(),
+                status: cluster::StatusSettings::default(),
+                metrics_addr: enforce.metrics_addr,
+                guard_interval: enforce.guard_interval(),
+                event_namespace,
+            };
+            run_until_stopped(|shutdown| async move {
+                let client = wgpin_crds::kube::Client::try_default().await.map_err(|e| {
+                    format!(
+                        "cannot reach the Kubernetes API: {e} (in a pod it uses the service account; elsewhere KUBECONFIG)"
+                    )
+                })?;
+                cluster::run(client, config, shutdown).await
+            })
         }
     }
 }
 
-fn standalone_command(config: standalone::StandaloneConfig) -> ExitCode {
+/// Runs `command` on a single-threaded runtime until it ends or SIGTERM/Ctrl-C arrive.
+fn run_until_stopped<F, Fut>(command: F) -> ExitCode
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -198,7 +254,7 @@ fn standalone_command(config: standalone::StandaloneConfig) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let shutdown = async {
+    let shutdown = Box::pin(async {
         let mut terminate =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(signal) => signal,
@@ -208,8 +264,8 @@ fn standalone_command(config: standalone::StandaloneConfig) -> ExitCode {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
-    };
-    match runtime.block_on(standalone::run(config, shutdown)) {
+    });
+    match runtime.block_on(command(shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub events_lost: Counter,
     pub reconcile_errors: Counter,
     pub reconcile_seconds: Histogram,
+    /// In-cluster mode: status writes, Events written, failed API calls.
+    pub status_writes: Counter,
+    pub event_writes: Counter,
+    pub api_errors: Counter,
     /// Last kernel readings, to turn absolute counters into increments.
     seen: Mutex<BTreeMap<(VerdictLabels, bool), u64>>,
     seen_global: Mutex<(u64, u64)>,
@@ -81,6 +85,24 @@ impl Metrics {
         let events_lost = Counter::default();
         let reconcile_errors = Counter::default();
         let reconcile_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        let status_writes = Counter::default();
+        let event_writes = Counter::default();
+        let api_errors = Counter::default();
+        registry.register(
+            "status_writes",
+            "PinnedNodeState status writes (coalesced: not one per poll)",
+            status_writes.clone(),
+        );
+        registry.register(
+            "event_writes",
+            "Events written on PinnedPeers for fail-closed actions",
+            event_writes.clone(),
+        );
+        registry.register(
+            "api_errors",
+            "Failed or dropped calls to the Kubernetes API (enforcement goes on)",
+            api_errors.clone(),
+        );
         registry.register(
             "fastpath_packets",
             "Packets to managed ports, by peer (empty for a shared port's unattributed packets) and verdict",
@@ -155,6 +177,9 @@ impl Metrics {
             events_lost,
             reconcile_errors,
             reconcile_seconds,
+            status_writes,
+            event_writes,
+            api_errors,
             seen: Mutex::new(BTreeMap::new()),
             seen_global: Mutex::new((0, 0)),
         }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Lan, Receiver, in_netns, peer_device, send_udp, unique_id};
+use support::{Lan, in_netns, peer_device, send_udp, tunnel_datagrams, unique_id};
 use wgpin_agent::{
     dataplane::{DataPlane, DataPlaneConfig, Effect, NodeCapabilities, Writes},
     fastpath::{BpfPaths, HookChoice, Op},
@@ -195,13 +195,6 @@ impl Drop for Gateway {
             let _ = thread.join();
         }
     }
-}
-
-fn tunnel_datagrams(lan: &Lan, from_ns: &str, source: &str) -> usize {
-    let receiver = Receiver::bind(&lan.gateway_ns, 7000);
-    send_udp(from_ns, source, "198.51.100.1", 7000, 3, 64);
-    std::thread::sleep(Duration::from_millis(500));
-    receiver.drain().len()
 }
 
 /// A gateway running the data plane on a LAN of its own. The gateway is declared first, so it

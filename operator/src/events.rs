@@ -96,6 +96,33 @@ pub enum Cause {
         reason: ProblemReason,
         message: String,
     },
+    /// A node's agent acted to fail closed, or recovered (written by the agent).
+    FailClosed {
+        node: String,
+        action: FailClosedAction,
+        message: String,
+    },
+}
+
+/// What an agent did to keep a peer from going live without its pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FailClosedAction {
+    /// The fast path was lost: the peer was taken out of WireGuard.
+    Withdrawn,
+    /// The fast path is verified again: the peer is back.
+    Restored,
+    /// The peer cannot be enforced on this node (it stays out of WireGuard).
+    NotEnforced,
+}
+
+impl FailClosedAction {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Withdrawn => "PeerWithdrawn",
+            Self::Restored => "PeerRestored",
+            Self::NotEnforced => "PeerNotEnforced",
+        }
+    }
 }
 
 /// One Event to write, about one `PinnedPeer`.
@@ -112,6 +139,10 @@ impl PlannedEvent {
         match self.cause {
             Cause::Violations { .. } | Cause::Problem { .. } => EventType::Warning,
             Cause::Resolved { .. } => EventType::Normal,
+            Cause::FailClosed { action, .. } => match action {
+                FailClosedAction::Restored => EventType::Normal,
+                FailClosedAction::Withdrawn | FailClosedAction::NotEnforced => EventType::Warning,
+            },
         }
     }
 
@@ -121,13 +152,14 @@ impl PlannedEvent {
             Cause::Violations { .. } => SOURCE_VIOLATION,
             Cause::Problem { reason, .. } => reason.as_str(),
             Cause::Resolved { .. } => "Resolved",
+            Cause::FailClosed { action, .. } => action.reason(),
         }
     }
 
     /// What was done: the agents enforce the pin; the operator renders (or leaves out) the peer.
     pub fn action(&self) -> &'static str {
         match self.cause {
-            Cause::Violations { .. } => "EnforcePin",
+            Cause::Violations { .. } | Cause::FailClosed { .. } => "EnforcePin",
             Cause::Problem { .. } | Cause::Resolved { .. } => "Render",
         }
     }
@@ -165,6 +197,7 @@ impl PlannedEvent {
             Cause::Resolved { reason, message } => {
                 format!("no longer {}; it was: {message}", reason.as_str())
             }
+            Cause::FailClosed { node, message, .. } => format!("on node {node}: {message}"),
         };
         truncate(note, MAX_NOTE_BYTES)
     }
@@ -636,6 +669,7 @@ impl EventWriter {
         for event in planned {
             let nodes = match &event.cause {
                 Cause::Violations { nodes, .. } => nodes.join(","),
+                Cause::FailClosed { node, .. } => node.clone(),
                 Cause::Problem { .. } | Cause::Resolved { .. } => String::new(),
             };
             let span = tracing::info_span!(
@@ -773,6 +807,9 @@ mod tests {
             }
             Cause::Resolved { reason, .. } => {
                 format!("{} Normal Resolved {}", event.peer, reason.as_str())
+            }
+            Cause::FailClosed { node, action, .. } => {
+                format!("{} {} on {node}", event.peer, action.reason())
             }
         }
     }

@@ -404,3 +404,12 @@ pub fn peer_device(
     run("ip", &["-n", ns, "link", "set", device, "up"]);
     wg
 }
+
+/// Datagrams that came out of the gateway's tunnel (198.51.100.1:7000) after `from_ns` sent
+/// three through its own tunnel address `source`.
+pub fn tunnel_datagrams(lan: &Lan, from_ns: &str, source: &str) -> usize {
+    let receiver = Receiver::bind(&lan.gateway_ns, 7000);
+    send_udp(from_ns, source, "198.51.100.1", 7000, 3, 64);
+    std::thread::sleep(Duration::from_millis(500));
+    receiver.drain().len()
+}

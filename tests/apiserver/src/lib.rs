@@ -12,7 +12,8 @@
 //! - delete with finalizers: `deletionTimestamp` is set, and the object goes when its last
 //!   finalizer is removed;
 //! - `metadata.generation` moves on spec changes only, `resourceVersion` on every write;
-//! - injected failures ([`FakeApiServer::fail_next`]) for error-path tests.
+//! - injected failures ([`FakeApiServer::fail_next`]) and outages
+//!   ([`FakeApiServer::set_unavailable`]) for error-path tests.
 //!
 //! Every write is recorded ([`FakeApiServer::writes`]) so tests can assert what was written, and
 //! how often.
@@ -88,6 +89,8 @@ struct State {
     failures: VecDeque<Failure>,
     /// Names handed out for `generateName` so far.
     generated: u64,
+    /// An outage: every request gets 503 and open watches end.
+    unavailable: bool,
 }
 
 /// The server. Cheap to clone; clones share state.
@@ -385,6 +388,13 @@ impl FakeApiServer {
         self.changed.receiver_count()
     }
 
+    /// Starts or ends an outage: while it lasts every request gets `503 Service Unavailable`
+    /// and every open watch ends, as when the API server is down or cut off.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.lock().unavailable = unavailable;
+        self.notify();
+    }
+
     /// Makes the next matching request fail with `status`.
     pub fn fail_next(&self, failure: Failure) {
         self.lock().failures.push_back(failure);
@@ -425,6 +435,13 @@ impl FakeApiServer {
         let path = parts.uri.path().to_string();
         {
             let mut state = self.lock();
+            if state.unavailable {
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "the API server is unavailable (an outage the test made)",
+                );
+            }
             let hit = state.failures.iter().position(|f| {
                 f.method.as_ref().is_none_or(|m| *m == parts.method)
                     && path.contains(&f.path_contains)
@@ -900,6 +917,9 @@ impl FakeApiServer {
                     loop {
                         let pending: Vec<Event> = {
                             let state = server.lock();
+                            if state.unavailable {
+                                return None;
+                            }
                             state
                                 .history
                                 .iter()

@@ -289,3 +289,34 @@ async fn injected_failures_reach_the_client_once() {
     );
     api.list(&ListParams::default()).await.expect("only once");
 }
+
+#[tokio::test]
+async fn an_outage_refuses_every_request_and_ends_open_watches_until_it_is_over() {
+    let server = FakeApiServer::new();
+    let api: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    api.create(&PostParams::default(), &config_map("one", &[]))
+        .await
+        .expect("create");
+    let mut watch = api
+        .watch(&WatchParams::default(), "0")
+        .await
+        .expect("watch opens")
+        .boxed();
+    // The initial ADDED arrives, then the outage ends the stream.
+    assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Added(_)))));
+    server.set_unavailable(true);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = watch.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch ends when the outage starts");
+    match api.get("one").await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 503),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    server.set_unavailable(false);
+    assert_eq!(
+        api.get("one").await.expect("back").data.map(|d| d.len()),
+        Some(1)
+    );
+}
