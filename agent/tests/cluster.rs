@@ -463,6 +463,44 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
         "the old address is refused"
     );
 
+    // Someone unpins one of the fast path's links: the agent withdraws the peer (fail closed),
+    // says so on the PinnedPeer, re-attaches and restores it.
+    let link = std::fs::read_dir(bpffs.join("links"))
+        .expect("links")
+        .flatten()
+        .next()
+        .expect("a link")
+        .path();
+    std::fs::remove_file(&link).expect("unpin");
+    let agent_events = |reason: &'static str| {
+        runtime
+            .block_on(events.list(&ListParams::default()))
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.reporting_controller.as_deref() == Some("wgpin.io/agent")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("laptop")
+            })
+            .count()
+    };
+    wait_for(
+        "the agent's PeerWithdrawn Event",
+        Duration::from_secs(15),
+        || agent_events("PeerWithdrawn") == 1,
+    );
+    wait_for(
+        "the agent's PeerRestored Event",
+        Duration::from_secs(15),
+        || agent_events("PeerRestored") == 1,
+    );
+    wait_for(
+        "the moved pin working again after the restore",
+        Duration::from_secs(30),
+        || tunnel_datagrams(&lan, &lan.attacker_ns, "198.51.100.2") > 0,
+    );
+
     // kubectl delete: the peer leaves WireGuard, then the object goes.
     runtime
         .block_on(peers.delete("laptop", &DeleteParams::default()))
