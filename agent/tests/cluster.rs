@@ -8,241 +8,34 @@
 
 mod support;
 
-use std::{
-    io::{Read as _, Write as _},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::{Arc, atomic::AtomicBool},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use serde_json::Value;
-use support::{Lan, in_netns, peer_device, tunnel_datagrams, unique_id};
+use support::{
+    cluster::{Loop, http_get_in, metric_value, wait_for},
+    peer_device, tunnel_datagrams,
+};
 use wgpin_agent::wireguard::{SecretKey, Uapi};
 use wgpin_crds::{
-    EnforcementState, PinnedInterface, PinnedNodeState, PinnedPeer,
-    k8s_openapi::{
-        api::{core::v1::Node, events::v1::Event},
-        apimachinery::pkg::apis::meta::v1::Time,
-        jiff::Timestamp,
-    },
+    EnforcementState, PinnedNodeState, PinnedPeer,
+    k8s_openapi::api::events::v1::Event,
     kube::{
-        Api, Client,
-        api::{DeleteParams, ListParams, Patch, PatchParams},
+        Api,
+        api::{DeleteParams, ListParams},
     },
 };
-use wgpin_operator::{
-    controller::{Controller, ControllerSettings, LoopSettings},
-    metrics::Metrics,
-};
-use wgpin_test_apiserver::{FakeApiServer, kubeconfig, serve_http};
-
-/// `wgpin-agent cluster` in the gateway namespace, its log in a file.
-struct Agent {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-struct AgentPaths<'a> {
-    kubeconfig: &'a Path,
-    state: &'a Path,
-    bpffs: &'a Path,
-    log: &'a Path,
-}
-
-impl Agent {
-    fn start(lan: &Lan, paths: &AgentPaths<'_>) -> Self {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(paths.log)
-            .expect("log file");
-        // nsenter keeps the mount namespace (and the bpffs on /sys/fs/bpf) that
-        // `ip netns exec` would replace.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lan.gateway_ns))
-            .arg(env!("CARGO_BIN_EXE_wgpin-agent"))
-            .args(["--log-format", "json", "cluster", "--node", "gateway"])
-            .args(["--underlay", &lan.gateway_if_client])
-            .args(["--underlay", &lan.gateway_if_attacker])
-            .arg("--state-dir")
-            .arg(paths.state)
-            .arg("--bpffs-root")
-            .arg(paths.bpffs)
-            .args([
-                "--guard-interval-ms",
-                "100",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
-            .env("KUBECONFIG", paths.kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("agent starts");
-        Self {
-            child,
-            log: paths.log.to_path_buf(),
-        }
-    }
-
-    fn kill_9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The last address the agent said it serves metrics on.
-    fn metrics_address(&self) -> Option<std::net::SocketAddr> {
-        self.log().lines().rev().find_map(|line| {
-            let entry: Value = serde_json::from_str(line).ok()?;
-            (entry["fields"]["message"] == "serving /metrics, /healthz and /readyz")
-                .then(|| entry["fields"]["address"].as_str()?.parse().ok())
-                .flatten()
-        })
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
-}
-
-/// Kills the gateway's wireguard-go processes (they outlive their namespace) and the pins.
-struct Cleanup {
-    device: String,
-    bpffs: std::path::PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-f", &format!("^wireguard-go {}", self.device)])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.bpffs);
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// `kubectl apply -f` of a YAML stream: server-side apply of each document.
-async fn kubectl_apply(client: &Client, yaml: &str) {
-    let documents: Vec<Value> = serde_saphyr::from_multiple(yaml).expect("YAML");
-    let params = PatchParams::apply("kubectl").force();
-    for document in documents {
-        let name = document["metadata"]["name"]
-            .as_str()
-            .expect("a name")
-            .to_string();
-        let result = match document["kind"].as_str() {
-            Some("Node") => Api::<Node>::all(client.clone())
-                .patch(&name, &params, &Patch::Apply(&document))
-                .await
-                .map(|_| ()),
-            Some("PinnedInterface") => Api::<PinnedInterface>::all(client.clone())
-                .patch(&name, &params, &Patch::Apply(&document))
-                .await
-                .map(|_| ()),
-            Some("PinnedPeer") => Api::<PinnedPeer>::all(client.clone())
-                .patch(&name, &params, &Patch::Apply(&document))
-                .await
-                .map(|_| ()),
-            other => panic!("no kind {other:?} in this test"),
-        };
-        result.unwrap_or_else(|e| panic!("apply {name}: {e}"));
-    }
-}
-
-/// GET `path` from a server in `ns`, in one write (the probe servers read a whole request).
-fn http_get_in(ns: &str, address: std::net::SocketAddr, path: &str) -> String {
-    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
-    in_netns(ns, move || {
-        let attempt = || -> std::io::Result<String> {
-            let mut stream =
-                std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1))?;
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            stream.write_all(request.as_bytes())?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        };
-        attempt().unwrap_or_default()
-    })
-}
-
-fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
 
 #[test]
 fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deletion() {
-    let lan = Lan::new();
-    let id = unique_id();
-    let device = format!("wgk{id}");
-    let work = tempfile::tempdir().expect("work dir");
-    let bpffs = std::path::PathBuf::from(format!("/sys/fs/bpf/wgpin-cl-{id}"));
-    let _cleanup = Cleanup {
-        device: device.clone(),
-        bpffs: bpffs.clone(),
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-
-    // The API server, on the gateway's loopback so the agent reaches it from its namespace.
-    let server = FakeApiServer::new();
-    let client = runtime.block_on(async { server.client() });
-    let listener = in_netns(&lan.gateway_ns, || {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        listener
-    });
-    let api_address = listener.local_addr().expect("address");
-    runtime.spawn({
-        let server = server.clone();
-        async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            serve_http(server, listener).await;
-        }
-    });
-    let config = work.path().join("kubeconfig");
-    std::fs::write(&config, kubeconfig(api_address)).expect("kubeconfig");
-
-    // The operator's loop, in this process.
-    let (stop_operator, operator_stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = runtime.spawn(wgpin_operator::controller::run(
-        Controller::new(
-            client.clone(),
-            ControllerSettings::default(),
-            Arc::new(Metrics::new()),
-        ),
-        LoopSettings {
-            debounce: Duration::from_millis(50),
-            ..LoopSettings::default()
-        },
-        Arc::new(AtomicBool::new(false)),
-        || Time(Timestamp::now()),
-        async {
-            let _ = operator_stopped.await;
-        },
-    ));
-
+    let setup = Loop::start();
+    let Loop {
+        runtime,
+        server,
+        client,
+        lan,
+        device,
+        id,
+        ..
+    } = &setup;
     // kubectl apply: the gateway node, its interface and the laptop's pin.
     let laptop = SecretKey::generate().expect("key");
     let objects = |sources: &str| {
@@ -258,17 +51,8 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
             laptop.public_key()
         )
     };
-    runtime.block_on(kubectl_apply(&client, &objects("192.0.2.2/32")));
-
-    let state = work.path().join("state");
-    let log = work.path().join("agent.log");
-    let paths = AgentPaths {
-        kubeconfig: &config,
-        state: &state,
-        bpffs: &bpffs,
-        log: &log,
-    };
-    let mut agent = Agent::start(&lan, &paths);
+    setup.apply(&objects("192.0.2.2/32"));
+    let mut agent = setup.agent();
     let peer_device_name = format!("{device}-0");
     let uapi = Uapi::default();
     wait_for(
@@ -296,7 +80,7 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
         "198.51.100.2",
     );
     assert!(
-        tunnel_datagrams(&lan, &lan.client_ns, "198.51.100.2") > 0,
+        tunnel_datagrams(lan, &lan.client_ns, "198.51.100.2") > 0,
         "the pinned laptop gets through"
     );
     let peers: Api<PinnedPeer> = Api::all(client.clone());
@@ -339,7 +123,7 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
         "198.51.100.2",
     );
     assert_eq!(
-        tunnel_datagrams(&lan, &lan.attacker_ns, "198.51.100.2"),
+        tunnel_datagrams(lan, &lan.attacker_ns, "198.51.100.2"),
         0,
         "the stolen key gets nothing through"
     );
@@ -374,7 +158,7 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
         !violation_events().is_empty()
     });
     // The attacker keeps trying; within the minute there is still one Event, with a count.
-    assert!(tunnel_datagrams(&lan, &lan.attacker_ns, "198.51.100.2") == 0);
+    assert!(tunnel_datagrams(lan, &lan.attacker_ns, "198.51.100.2") == 0);
     std::thread::sleep(Duration::from_secs(2));
     let written = violation_events();
     assert_eq!(written.len(), 1, "{written:?}");
@@ -397,7 +181,7 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
     // the laptop still gets through, the attacker still does not.
     server.set_unavailable(true);
     agent.kill_9();
-    let agent = Agent::start(&lan, &paths);
+    let agent = setup.agent();
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         uapi.get(&peer_device_name)
@@ -408,10 +192,10 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
     wait_for(
         "the laptop through the tunnel during the outage",
         Duration::from_secs(10),
-        || tunnel_datagrams(&lan, &lan.client_ns, "198.51.100.2") > 0,
+        || tunnel_datagrams(lan, &lan.client_ns, "198.51.100.2") > 0,
     );
     assert_eq!(
-        tunnel_datagrams(&lan, &lan.attacker_ns, "198.51.100.2"),
+        tunnel_datagrams(lan, &lan.attacker_ns, "198.51.100.2"),
         0,
         "still refused during the outage"
     );
@@ -451,21 +235,21 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
     );
 
     // The pin moves to the attacker's address: the old address is refused, the new accepted.
-    runtime.block_on(kubectl_apply(&client, &objects("192.0.2.130/32")));
+    setup.apply(&objects("192.0.2.130/32"));
     wait_for(
         "the moved pin accepted from the new address",
         Duration::from_secs(30),
-        || tunnel_datagrams(&lan, &lan.attacker_ns, "198.51.100.2") > 0,
+        || tunnel_datagrams(lan, &lan.attacker_ns, "198.51.100.2") > 0,
     );
     assert_eq!(
-        tunnel_datagrams(&lan, &lan.client_ns, "198.51.100.2"),
+        tunnel_datagrams(lan, &lan.client_ns, "198.51.100.2"),
         0,
         "the old address is refused"
     );
 
     // Someone unpins one of the fast path's links: the agent withdraws the peer (fail closed),
     // says so on the PinnedPeer, re-attaches and restores it.
-    let link = std::fs::read_dir(bpffs.join("links"))
+    let link = std::fs::read_dir(setup.paths.bpffs.join("links"))
         .expect("links")
         .flatten()
         .next()
@@ -498,7 +282,7 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
     wait_for(
         "the moved pin working again after the restore",
         Duration::from_secs(30),
-        || tunnel_datagrams(&lan, &lan.attacker_ns, "198.51.100.2") > 0,
+        || tunnel_datagrams(lan, &lan.attacker_ns, "198.51.100.2") > 0,
     );
 
     // kubectl delete: the peer leaves WireGuard, then the object goes.
@@ -519,7 +303,5 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
         || runtime.block_on(peers.get("laptop")).is_err(),
     );
 
-    let _ = stop_operator.send(());
-    let _ = runtime.block_on(operator);
     drop(agent);
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::{
     fs::File,
     net::{IpAddr, SocketAddr, UdpSocket},
