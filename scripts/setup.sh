@@ -14,4 +14,6 @@ ensure_netns_tools
 if [ "${1:-}" = "--test" ]; then
     # Offline validation of the generated CRD manifests against Kubernetes' own schemas.
     ensure_python_tool kubernetes-validate==1.37.0 kubernetes-validate
+    # The Helm chart's lint and render checks (scripts/test-chart.sh).
+    ensure_helm
 fi

@@ -45,6 +45,8 @@ check "chart CRDs match the Rust types (crdgen --check)" cargo run --locked --qu
 check "CRD manifests are valid CustomResourceDefinitions for Kubernetes 1.31 and 1.37 (kubernetes-validate)" \
     bash -c 'for v in 1.31.0 1.37.0; do "$0" --strict --quiet -k "$v" charts/wgpin/crds/*.yaml || exit 1; done' \
     "$WGPIN_TOOLS/venv/bin/kubernetes-validate"
+check "Helm chart: lint, rendered objects checked and validated for Kubernetes 1.31 and 1.37, bad values refused (scripts/test-chart.sh)" \
+    "$WGPIN_ROOT/scripts/test-chart.sh"
 
 printf '\n'
 for name in "${failures[@]}"; do printf 'FAILED: %s\n' "$name"; done

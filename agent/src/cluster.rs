@@ -56,7 +56,9 @@ const LAST_STATE_FILE: &str = "node-state.json";
 /// How status writes are paced.
 #[derive(Clone, Copy, Debug)]
 pub struct StatusSettings {
-    /// The shortest time between two status writes.
+    /// The shortest time between two status writes for new violation counts (an attack must
+    /// not turn into a write per packet). A change of what is enforced is written at the next
+    /// tick.
     pub min_interval: Duration,
     /// How often counters and handshake times are refreshed when nothing else changed.
     pub refresh_interval: Duration,
@@ -245,6 +247,34 @@ pub fn significant(status: &PinnedNodeStateStatus) -> PinnedNodeStateStatus {
         peer.last_handshake_time = None;
     }
     status
+}
+
+/// What is enforced: the significant status without violation counts. A change here (a peer
+/// added, enforced, withdrawn, a condition) is written at once; new counts wait for
+/// [`StatusSettings::min_interval`].
+pub fn enforcement(status: &PinnedNodeStateStatus) -> PinnedNodeStateStatus {
+    let mut status = significant(status);
+    for peer in status.interfaces.iter_mut().flat_map(|i| &mut i.peers) {
+        peer.violations = None;
+    }
+    status
+}
+
+/// Whether `status` should be written now, given the last one written and when.
+pub fn write_due(
+    last: Option<&PinnedNodeStateStatus>,
+    status: &PinnedNodeStateStatus,
+    since_last_write: Duration,
+    settings: &StatusSettings,
+) -> bool {
+    match last {
+        None => true,
+        Some(last) if enforcement(last) != enforcement(status) => true,
+        Some(last) if significant(last) != significant(status) => {
+            since_last_write >= settings.min_interval
+        }
+        Some(last) => *last != *status && since_last_write >= settings.refresh_interval,
+    }
 }
 
 /// Fail-closed Events to write after a tick: one per peer and action per minute at most.
@@ -556,15 +586,12 @@ async fn enforce(
             previous: last_status.as_ref(),
             now: Time(Timestamp::now()),
         });
-        let due = match &last_status {
-            None => true,
-            Some(previous) if significant(previous) != significant(&status) => {
-                last_write.elapsed() >= config.status.min_interval
-            }
-            Some(previous) => {
-                *previous != status && last_write.elapsed() >= config.status.refresh_interval
-            }
-        };
+        let due = write_due(
+            last_status.as_ref(),
+            &status,
+            last_write.elapsed(),
+            &config.status,
+        );
         // Nothing to report on a node without a state: the object does not exist.
         if due && desired.generation.is_some() {
             last_write = Instant::now();
@@ -769,6 +796,43 @@ mod tests {
             last_time: Some(at(3)),
         });
         assert_ne!(significant(&base), significant(&violated));
+    }
+
+    #[test]
+    fn enforcement_changes_go_at_once_counts_are_paced_and_traffic_waits_for_the_refresh() {
+        let settings = StatusSettings::default();
+        let status = |state, count: u64, rx: u64| {
+            let mut p = peer("a", state);
+            p.rx_bytes = Some(rx);
+            p.violations = (count > 0).then(|| ViolationSummary {
+                count,
+                ..ViolationSummary::default()
+            });
+            node_status(StatusInput {
+                interfaces: interfaces(vec![p]),
+                applied_generation: Some(1),
+                desired_generation: Some(1),
+                fast_path_verified: true,
+                failure: None,
+                previous: None,
+                now: at(0),
+            })
+        };
+        let ms = Duration::from_millis;
+        let written = status(EnforcementState::Pending, 0, 0);
+        assert!(write_due(None, &written, ms(0), &settings), "the first one");
+        let enforced = status(EnforcementState::Enforced, 0, 0);
+        assert!(write_due(Some(&written), &enforced, ms(10), &settings));
+        let attacked = status(EnforcementState::Pending, 3, 0);
+        assert!(!write_due(Some(&written), &attacked, ms(100), &settings));
+        assert!(write_due(Some(&written), &attacked, ms(500), &settings));
+        let traffic = status(EnforcementState::Pending, 0, 1000);
+        assert!(!write_due(Some(&written), &traffic, ms(5_000), &settings));
+        assert!(write_due(Some(&written), &traffic, ms(30_000), &settings));
+        assert!(
+            !write_due(Some(&written), &written, ms(60_000), &settings),
+            "no change"
+        );
     }
 
     #[test]
