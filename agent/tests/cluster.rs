@@ -17,6 +17,7 @@ use support::{
 use wgpin_agent::wireguard::{SecretKey, Uapi};
 use wgpin_crds::{
     EnforcementState, PinnedNodeState, PinnedPeer,
+    access::{self, Call, Scope},
     k8s_openapi::api::events::v1::Event,
     kube::{
         Api,
@@ -303,5 +304,24 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
         || runtime.block_on(peers.get("laptop")).is_err(),
     );
 
+    // Every call the agent process made is allowed by the access list the chart's RBAC is
+    // checked against, and everything on that list was used.
+    let requests = server.requests();
+    let calls: Vec<Call<'_>> = requests
+        .iter()
+        .filter(|r| r.over_http)
+        .map(|r| Call {
+            verb: r.verb,
+            group: &r.resource.group,
+            resource: r.rbac_resource(),
+            scope: match r.namespace {
+                None => Scope::Cluster,
+                Some(_) => Scope::EventNamespace,
+            },
+            name: r.name.as_deref(),
+        })
+        .collect();
+    let problems = access::audit(access::AGENT, &calls, "");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
     drop(agent);
 }

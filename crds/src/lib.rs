@@ -23,6 +23,7 @@
 // copy-paste.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod access;
 pub mod admission;
 pub mod conditions;
 pub mod crd;

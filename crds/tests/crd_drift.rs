@@ -57,3 +57,17 @@ fn crds_are_cluster_scoped_in_one_group_and_version() {
         );
     }
 }
+
+#[test]
+fn the_charts_access_list_matches_the_code() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(wgpin_crds::access::CHART_ACCESS_FILE);
+    let generated = wgpin_crds::access::generated_file().expect("serializes");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{} differs from wgpin_crds::access; run `cargo run -p wgpin-crds --bin crdgen` and commit it",
+        path.display()
+    );
+}

@@ -8,11 +8,18 @@ use std::{
     time::Duration,
 };
 
-use wgpin_crds::{PinnedNodeState, kube::Api};
+use wgpin_crds::{
+    PinnedNodeState,
+    access::{self, Call, Scope},
+    kube::{
+        Api,
+        api::{Patch, PatchParams},
+    },
+};
 use wgpin_test_apiserver::{FakeApiServer, kubeconfig, serve_http};
 
 mod support;
-use support::{eventually, repin, setup, wait_for_pin};
+use support::{create, eventually, repin, setup, wait_for_pin};
 
 fn http_get(address: SocketAddr, path: &str) -> Option<String> {
     let attempt = || -> std::io::Result<String> {
@@ -148,6 +155,40 @@ async fn the_binary_reconciles_serves_probes_and_stops_on_sigterm() {
     );
     assert_eq!(metric(&metrics, "wgpin_operator_leader"), Some(1.0));
 
+    // Every kind of write: a conflicting copy of a key (an Event), a node leaving the
+    // selector (a state deleted), a peer deleted (its finalizer released).
+    create::<wgpin_crds::PinnedPeer>(
+        &client,
+        serde_json::json!({"apiVersion": "wgpin.io/v1alpha1", "kind": "PinnedPeer", "metadata": {"name": "copycat"},
+               "spec": {"interface": "gateway", "publicKey": "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
+                        "allowedIPs": ["198.51.100.99/32"], "sources": ["192.0.2.0/24"]}}),
+    )
+    .await;
+    Api::<wgpin_crds::k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .patch(
+            "gw-b",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"wgpin.io/gateway": null}}})),
+        )
+        .await
+        .expect("relabel");
+    Api::<wgpin_crds::PinnedPeer>::all(client.clone())
+        .delete("bob", &Default::default())
+        .await
+        .expect("delete bob");
+    eventually("gw-b's state gone and bob released", || {
+        let states = states.clone();
+        let client = client.clone();
+        async move {
+            states.get("gw-b").await.is_err()
+                && Api::<wgpin_crds::PinnedPeer>::all(client)
+                    .get("bob")
+                    .await
+                    .is_err()
+        }
+    })
+    .await;
+
     // SIGTERM, as the kubelet sends it: a clean exit well within the grace period.
     operator.terminate();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -165,6 +206,27 @@ async fn the_binary_reconciles_serves_probes_and_stops_on_sigterm() {
     assert!(exit.success(), "exit {exit:?}; log:\n{log}");
     assert!(log.contains("\"stopping\""), "{log}");
     assert!(log.contains("released the lease"), "{log}");
+
+    // Every call the process made is allowed by the access list the chart's RBAC is checked
+    // against, and everything on that list was used.
+    let requests = server.requests();
+    let calls: Vec<Call<'_>> = requests
+        .iter()
+        .filter(|r| r.over_http)
+        .map(|r| Call {
+            verb: r.verb,
+            group: &r.resource.group,
+            resource: r.rbac_resource(),
+            scope: match (r.namespace.as_deref(), r.resource.plural.as_str()) {
+                (None, _) => Scope::Cluster,
+                (Some(_), "leases") => Scope::ReleaseNamespace,
+                (Some(_), _) => Scope::EventNamespace,
+            },
+            name: r.name.as_deref(),
+        })
+        .collect();
+    let problems = access::audit(access::OPERATOR, &calls, "wgpin-operator");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
     serving.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,6 +14,7 @@ Also writes RENDERED.yaml.k8s: the same objects without the Prometheus Operator 
 for; this script checks those two kinds itself.
 """
 
+import json
 import os
 import sys
 
@@ -369,30 +370,26 @@ def check_rbac(objects, values, namespace, full):
         "operator": values["operator"]["serviceAccount"]["name"] or f"{full}-operator",
         "agent": values["agent"]["serviceAccount"]["name"] or f"{full}-agent",
     }
-    want = {
-        ("ClusterRole", None, f"{full}-operator"): {
-            rule(["wgpin.io"], ["pinnedinterfaces"], ["get", "list", "watch"]),
-            rule(["wgpin.io"], ["pinnedpeers"], ["get", "list", "watch", "patch"]),
-            rule(["wgpin.io"], ["pinnedpeers/status"], ["get", "patch"]),
-            rule(["wgpin.io"], ["pinnednodestates"], ["get", "list", "watch", "create", "patch", "delete"]),
-            rule([""], ["nodes"], ["get", "list", "watch"]),
-        },
-        ("Role", namespace, f"{full}-operator-leader-election"): {
-            rule(["coordination.k8s.io"], ["leases"], ["create"]),
-            rule(["coordination.k8s.io"], ["leases"], ["get", "update"], [lease]),
-        },
-        ("Role", events_ns, f"{full}-operator-events"): {
-            rule(["events.k8s.io"], ["events"], ["create"]),
-        },
-        ("ClusterRole", None, f"{full}-agent"): {
-            rule(["wgpin.io"], ["pinnednodestates"], ["get", "list", "watch"]),
-            rule(["wgpin.io"], ["pinnednodestates/status"], ["get", "patch"]),
-            rule(["wgpin.io"], ["pinnedpeers"], ["get", "list", "watch"]),
-        },
-        ("Role", events_ns, f"{full}-agent-events"): {
-            rule(["events.k8s.io"], ["events"], ["create"]),
-        },
+    # The rules come from the code's own list (wgpin_crds::access, written by crdgen), so
+    # the chart and the code cannot drift apart.
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "access.json")) as f:
+        access = json.load(f)
+    role_of = {
+        ("operator", "Cluster"): ("ClusterRole", None, f"{full}-operator"),
+        ("operator", "ReleaseNamespace"): ("Role", namespace, f"{full}-operator-leader-election"),
+        ("operator", "EventNamespace"): ("Role", events_ns, f"{full}-operator-events"),
+        ("agent", "Cluster"): ("ClusterRole", None, f"{full}-agent"),
+        ("agent", "EventNamespace"): ("Role", events_ns, f"{full}-agent-events"),
     }
+    want = {key: set() for key in role_of.values()}
+    for component in ("operator", "agent"):
+        for entry in access[component]:
+            key = role_of.get((component, entry["scope"]))
+            if key is None:
+                problem(f"access.json: no Role for the {component}'s {entry['scope']} rules")
+                continue
+            names = [lease if entry["resourceName"] == "{leaseName}" else entry["resourceName"]] if entry["resourceName"] else []
+            want[key].add(rule([entry["group"]], [entry["resource"]], entry["verbs"] + entry["impliedVerbs"], names))
     for key, rules in want.items():
         role = objects.get(key)
         if role is None:

@@ -1,14 +1,16 @@
 //! Writes the CRDs generated from the Rust types into the chart.
 //!
 //! `crdgen` writes `charts/wgpin/crds/*.yaml` (run from the repository root, or pass the
-//! directory); `crdgen --check` only compares and exits 1 when the files differ.
+//! directory) and, from the repository root, the API access lists the chart's RBAC is checked
+//! against (`charts/wgpin/tests/access.json`); `crdgen --check` only compares and exits 1 when
+//! the files differ.
 
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
 };
 
-use wgpin_crds::crd;
+use wgpin_crds::{access, crd};
 
 fn main() -> ExitCode {
     let mut check = false;
@@ -43,7 +45,19 @@ fn main() -> ExitCode {
 /// Returns whether the directory holds exactly the generated files (after writing, unless
 /// `check`).
 fn run(dir: &Path, check: bool) -> Result<bool, String> {
-    let files = crd::generated_files().map_err(|e| format!("cannot serialize the CRDs: {e}"))?;
+    let mut files: Vec<(PathBuf, String)> = crd::generated_files()
+        .map_err(|e| format!("cannot serialize the CRDs: {e}"))?
+        .into_iter()
+        .map(|(name, contents)| (dir.join(name), contents))
+        .collect();
+    let access = Path::new(access::CHART_ACCESS_FILE);
+    if access.parent().is_some_and(Path::is_dir) {
+        files.push((
+            access.to_path_buf(),
+            access::generated_file()
+                .map_err(|e| format!("cannot serialize the access lists: {e}"))?,
+        ));
+    }
     if !dir.is_dir() {
         return Err(format!(
             "{} is not a directory; run crdgen from the repository root or pass the chart's crds directory",
@@ -51,8 +65,7 @@ fn run(dir: &Path, check: bool) -> Result<bool, String> {
         ));
     }
     let mut up_to_date = true;
-    for (name, contents) in files {
-        let path = dir.join(&name);
+    for (path, contents) in files {
         let current = std::fs::read_to_string(&path).ok();
         if current.as_deref() == Some(contents.as_str()) {
             continue;

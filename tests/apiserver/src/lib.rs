@@ -69,6 +69,32 @@ pub struct Write {
     pub subresource: Option<String>,
 }
 
+/// One request as RBAC sees it: a verb on a resource (and subresource), in a namespace, by
+/// name when it names one. `over_http` tells a process's requests (through [`serve_http`])
+/// from this process's own (through [`FakeApiServer::client`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiCall {
+    pub verb: &'static str,
+    pub resource: Resource,
+    pub subresource: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub over_http: bool,
+}
+
+impl ApiCall {
+    /// The resource as an RBAC rule names it: `plural` or `plural/subresource`.
+    pub fn rbac_resource(&self) -> String {
+        match &self.subresource {
+            Some(sub) => format!("{}/{sub}", self.resource.plural),
+            None => self.resource.plural.clone(),
+        }
+    }
+}
+
+/// The header [`serve_http`] adds, so that requests from processes can be told apart.
+pub(crate) const OVER_HTTP_HEADER: &str = "x-wgpin-test-over-http";
+
 /// A failure to inject: the next request matching `method` (and `path_contains`) gets `status`.
 #[derive(Clone, Debug)]
 pub struct Failure {
@@ -86,6 +112,7 @@ struct State {
     /// Events at or below this revision have been dropped from the history.
     compacted: u64,
     writes: Vec<Write>,
+    requests: Vec<ApiCall>,
     failures: VecDeque<Failure>,
     /// Names handed out for `generateName` so far.
     generated: u64,
@@ -373,6 +400,11 @@ impl FakeApiServer {
         self.lock().writes.clone()
     }
 
+    /// Every request served so far, reads included, in order (for RBAC checks).
+    pub fn requests(&self) -> Vec<ApiCall> {
+        self.lock().requests.clone()
+    }
+
     /// Forgets the recorded writes.
     pub fn clear_writes(&self) {
         self.lock().writes.clear();
@@ -466,6 +498,28 @@ impl FakeApiServer {
             );
         };
         let params = query(&parts.uri);
+        let verb = match (&parts.method, &target.name) {
+            (&Method::GET, None)
+                if params.get("watch").is_some_and(|w| w == "true" || w == "1") =>
+            {
+                "watch"
+            }
+            (&Method::GET, None) => "list",
+            (&Method::GET, Some(_)) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, _) => "delete",
+            _ => "unknown",
+        };
+        self.lock().requests.push(ApiCall {
+            verb,
+            resource: target.resource.clone(),
+            subresource: target.subresource.clone(),
+            namespace: target.namespace.clone(),
+            name: target.name.clone(),
+            over_http: parts.headers.contains_key(OVER_HTTP_HEADER),
+        });
         let content_type = parts
             .headers
             .get(http::header::CONTENT_TYPE)

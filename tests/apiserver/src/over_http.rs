@@ -21,7 +21,11 @@ pub async fn serve_http(server: FakeApiServer, listener: tokio::net::TcpListener
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let server = server.clone();
                     async move {
-                        let (parts, body) = request.into_parts();
+                        let (mut parts, body) = request.into_parts();
+                        parts.headers.insert(
+                            crate::OVER_HTTP_HEADER,
+                            http::HeaderValue::from_static("true"),
+                        );
                         let bytes = body
                             .collect()
                             .await
