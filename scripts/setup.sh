@@ -16,4 +16,6 @@ if [ "${1:-}" = "--test" ]; then
     ensure_python_tool kubernetes-validate==1.37.0 kubernetes-validate
     # The Helm chart's lint and render checks (scripts/test-chart.sh).
     ensure_helm
+    # The Argo CD health checks (Lua) run through a real interpreter (scripts/test-gitops.sh).
+    ensure_apt lua5.4
 fi
