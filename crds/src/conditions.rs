@@ -1,7 +1,8 @@
 //! Condition types and the one rule every writer follows when it sets a condition.
 //!
-//! `Ready`, `Reconciling` and `Stalled` follow kstatus, so Flux and Argo CD judge health
-//! without custom checks.
+//! `Ready`, `Reconciling` and `Stalled` follow kstatus (`Reconciling` and `Stalled` are what
+//! kstatus reads; `Ready` is for people and for the health checks in `gitops/`, which Argo CD
+//! needs and Flux uses to wait for `Ready`).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 

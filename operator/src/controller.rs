@@ -304,6 +304,11 @@ impl Controller {
     ) -> Result<PassReport, ControllerError> {
         let peers_api: Api<PinnedPeer> = Api::all(self.client.clone());
         let states_api: Api<PinnedNodeState> = Api::all(self.client.clone());
+        // Named, so managedFields show who owns the finalizer.
+        let finalizer_params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
         let mut report = PassReport::default();
 
         // The status each peer has, counting our own writes the cache has not shown yet.
@@ -337,7 +342,7 @@ impl Controller {
                 "metadata": {"finalizers": finalizers, "resourceVersion": version}
             });
             peers_api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(&name, &finalizer_params, &Patch::Merge(&patch))
                 .await
                 .map_err(api_err(
                     ErrorReason::Finalizer,
@@ -455,7 +460,7 @@ impl Controller {
                 "metadata": {"finalizers": finalizers, "resourceVersion": version}
             });
             match peers_api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(&name, &finalizer_params, &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {}

@@ -1,7 +1,8 @@
 //! Roll-up: the agents' reports (`PinnedNodeState.status`) and the operator's own problems
 //! become one `PinnedPeer.status`. Pure.
 //!
-//! Conditions follow kstatus, so Flux and Argo CD read health without custom checks:
+//! Conditions follow kstatus (Flux's health reads `Reconciling` and `Stalled`; Argo CD uses the
+//! Lua checks in `gitops/argocd-health`):
 //! `Ready` (True when every selected node enforces the pin), `Reconciling` (nodes still
 //! applying), `Stalled` (the user must change something: an invalid or conflicting object, or a
 //! node that cannot enforce), plus `Enforced` and `SourceViolation`. The list of nodes is bounded
