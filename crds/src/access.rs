@@ -64,6 +64,15 @@ pub const OPERATOR: &[Access] = &[
     },
     Access {
         group: WGPIN,
+        resource: "pinnedinterfaces/status",
+        verbs: &["patch"],
+        implied_verbs: &[],
+        scope: Scope::Cluster,
+        resource_name: None,
+        why: "nodes and peers per interface, and whether it could be rendered, by server-side apply",
+    },
+    Access {
+        group: WGPIN,
         resource: "pinnedpeers/status",
         verbs: &["patch"],
         implied_verbs: &[],

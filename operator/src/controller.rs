@@ -30,8 +30,8 @@ use std::{
 use futures::StreamExt as _;
 use tracing::Instrument as _;
 use wgpin_crds::{
-    PinnedInterface, PinnedNodeState, PinnedNodeStateSpec, PinnedNodeStateStatus, PinnedPeer,
-    PinnedPeerStatus,
+    PinnedInterface, PinnedInterfaceStatus, PinnedNodeState, PinnedNodeStateSpec,
+    PinnedNodeStateStatus, PinnedPeer, PinnedPeerStatus,
     conditions::{READY, STALLED},
     k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time},
     kube::{
@@ -45,6 +45,7 @@ use wgpin_crds::{
 use crate::{
     NodeInfo, PortAssignments, RollUpInput,
     events::{EventPlanner, EventSettings, EventWriter, PassInput},
+    interface_status::interface_status,
     metrics::{ErrorReason, Metrics, PassResult, WriteKind},
     render, roll_up,
 };
@@ -62,6 +63,7 @@ pub struct PassReport {
     pub node_states_applied: Vec<String>,
     pub node_states_deleted: Vec<String>,
     pub peer_statuses_written: Vec<String>,
+    pub interface_statuses_written: Vec<String>,
     pub finalizers_added: Vec<String>,
     /// Deleted peers let go, each with the nodes that had not confirmed the removal (empty when
     /// all had; non-empty only after the cleanup grace ran out).
@@ -75,6 +77,7 @@ impl PassReport {
         self.node_states_applied.len()
             + self.node_states_deleted.len()
             + self.peer_statuses_written.len()
+            + self.interface_statuses_written.len()
             + self.finalizers_added.len()
             + self.finalizers_removed.len()
             + self.events_written
@@ -227,6 +230,7 @@ pub struct Controller {
     applied: WriteMemo<PinnedNodeStateSpec>,
     deleted: WriteMemo<()>,
     statuses: WriteMemo<PinnedPeerStatus>,
+    interface_statuses: WriteMemo<PinnedInterfaceStatus>,
     finalizers_added: WriteMemo<()>,
     released: WriteMemo<()>,
     planner: EventPlanner,
@@ -253,6 +257,7 @@ impl Controller {
             applied: WriteMemo::default(),
             deleted: WriteMemo::default(),
             statuses: WriteMemo::default(),
+            interface_statuses: WriteMemo::default(),
             finalizers_added: WriteMemo::default(),
             released: WriteMemo::default(),
         }
@@ -278,6 +283,10 @@ impl Controller {
                     .wrote(WriteKind::NodeStateDelete, report.node_states_deleted.len());
                 self.metrics
                     .wrote(WriteKind::PeerStatus, report.peer_statuses_written.len());
+                self.metrics.wrote(
+                    WriteKind::InterfaceStatus,
+                    report.interface_statuses_written.len(),
+                );
                 self.metrics
                     .wrote(WriteKind::FinalizerAdd, report.finalizers_added.len());
                 self.metrics
@@ -421,6 +430,36 @@ impl Controller {
             }
             self.deleted.record(name, ());
             report.node_states_deleted.push(name.clone());
+        }
+
+        // Each interface's status: nodes, peers, whether it could be rendered.
+        for interface in &snapshot.interfaces {
+            let name = interface.name_any();
+            let current = match self
+                .interface_statuses
+                .pending(&name, |written| interface.status.as_ref() == Some(written))
+            {
+                Some(written) => Some(written.clone()),
+                None => interface.status.clone(),
+            };
+            let status = interface_status(interface, &rendered, current.as_ref(), now.clone());
+            if current.as_ref() == Some(&status) {
+                continue;
+            }
+            let patch = serde_json::json!({
+                "apiVersion": "wgpin.io/v1alpha1",
+                "kind": "PinnedInterface",
+                "status": status,
+            });
+            Api::<PinnedInterface>::all(self.client.clone())
+                .patch_status(&name, &apply, &Patch::Apply(&patch))
+                .await
+                .map_err(api_err(
+                    ErrorReason::InterfaceStatus,
+                    format!("writing the status of PinnedInterface {name}"),
+                ))?;
+            self.interface_statuses.record(&name, status);
+            report.interface_statuses_written.push(name);
         }
 
         // Release deleted peers once no agent runs them any more.

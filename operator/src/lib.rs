@@ -9,6 +9,7 @@
 pub mod controller;
 pub mod events;
 pub mod http;
+pub mod interface_status;
 pub mod leader;
 pub mod metrics;
 pub mod render;

@@ -16,6 +16,8 @@ pub enum ErrorReason {
     NodeState,
     /// Writing a `PinnedPeer` status.
     PeerStatus,
+    /// Writing a `PinnedInterface` status.
+    InterfaceStatus,
     /// Adding or removing the cleanup finalizer.
     Finalizer,
     /// Writing an Event (never fails a pass).
@@ -33,6 +35,7 @@ pub enum WriteKind {
     NodeStateApply,
     NodeStateDelete,
     PeerStatus,
+    InterfaceStatus,
     FinalizerAdd,
     FinalizerRemove,
     Event,

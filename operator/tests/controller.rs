@@ -40,6 +40,18 @@ async fn a_pass_renders_node_states_and_a_second_writes_nothing() {
         "the worker runs nothing"
     );
     assert_eq!(first.peer_statuses_written, ["alice", "bob"]);
+    assert_eq!(first.interface_statuses_written, ["gateway"]);
+    let gateway = Api::<PinnedInterface>::all(client.clone())
+        .get("gateway")
+        .await
+        .expect("interface")
+        .status
+        .expect("its status");
+    assert_eq!(
+        (gateway.selected_nodes, gateway.peers),
+        (Some(2), Some(2)),
+        "two gateways, two peers; `kubectl get pif` shows them"
+    );
     let states: Api<PinnedNodeState> = Api::all(client.clone());
     let gw_a = states.get("gw-a").await.expect("rendered");
     let peers: Vec<(String, Option<u16>)> = gw_a.spec.interfaces[0]
