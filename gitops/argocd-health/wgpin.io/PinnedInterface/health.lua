@@ -1,9 +1,8 @@
 -- Argo CD health of a wgpin.io PinnedInterface (gitops/README.md explains the rules).
--- wgpin writes no PinnedInterface status today: an interface the API server accepted is
--- Healthy, and what goes wrong with it (invalid, no node selected, port range exhausted) shows
--- on the PinnedPeers that use it. The CRD declares a kstatus status (Ready, Reconciling,
--- Stalled, observedGeneration; crds/src/interface.rs): once one is written, it is read here the
--- way PinnedPeer's is.
+-- The operator writes a kstatus status (Ready, Reconciling, Stalled, NodesSelected,
+-- observedGeneration; operator/src/interface_status.rs), read here the way PinnedPeer's is.
+-- Before its first pass there is none: an interface the API server accepted is then Healthy,
+-- and what goes wrong with it also shows on the PinnedPeers that use it.
 -- Argo CD runs this with gopher-lua (Lua 5.1): no goto, integer division or bitwise operators.
 local hs = {}
 
