@@ -176,17 +176,27 @@ async fn the_binary_reconciles_serves_probes_and_stops_on_sigterm() {
         .delete("bob", &Default::default())
         .await
         .expect("delete bob");
-    eventually("gw-b's state gone and bob released", || {
-        let states = states.clone();
-        let client = client.clone();
-        async move {
-            states.get("gw-b").await.is_err()
-                && Api::<wgpin_crds::PinnedPeer>::all(client)
-                    .get("bob")
-                    .await
-                    .is_err()
-        }
-    })
+    // The Event goes out at the end of a pass: wait for it too, not only for the writes before.
+    eventually(
+        "gw-b's state gone, bob released, the copy announced",
+        || {
+            let states = states.clone();
+            let client = client.clone();
+            async move {
+                let events: Api<wgpin_crds::k8s_openapi::api::events::v1::Event> =
+                    Api::namespaced(client.clone(), "default");
+                states.get("gw-b").await.is_err()
+                    && Api::<wgpin_crds::PinnedPeer>::all(client)
+                        .get("bob")
+                        .await
+                        .is_err()
+                    && events
+                        .list(&Default::default())
+                        .await
+                        .is_ok_and(|list| !list.items.is_empty())
+            }
+        },
+    )
     .await;
 
     // SIGTERM, as the kubelet sends it: a clean exit well within the grace period.
