@@ -18,7 +18,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, atomic::AtomicBool},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -570,7 +570,7 @@ async fn enforce(
             last_failure = Some(failure.clone());
         }
 
-        let interfaces = enforcer.status(&desired.spec, SystemTime::now());
+        let interfaces = enforcer.status(&desired.spec);
         let planned = actions.plan(&node, &tick, &interfaces, Instant::now());
         if !planned.is_empty() && event_tx.try_send(planned).is_err() {
             metrics.api_errors.inc();

@@ -94,6 +94,9 @@ pub struct Enforcer {
     /// The desired state changed (or the fast path recovered) since the last good reconcile.
     dirty: bool,
     log_budget: (Instant, u32, u64),
+    /// The interfaces as the last tick read them: one read of every device per tick, shared by
+    /// the metrics and the status (a read asks each WireGuard device for its peers).
+    interfaces: Vec<InterfaceStatus>,
     // After a failed reconcile, wait 1 s, 2 s, 4 s … up to 30 s before the next try.
     backoff: Duration,
     retry_at: Instant,
@@ -118,6 +121,7 @@ impl Enforcer {
             tally: ViolationTally::default(),
             dirty: true,
             log_budget: (Instant::now(), 0, 0),
+            interfaces: Vec::new(),
             backoff: Duration::ZERO,
             retry_at: Instant::now(),
             last_apply: Instant::now(),
@@ -213,19 +217,20 @@ impl Enforcer {
             }
         }
         self.ready.store(self.converged(), Ordering::Relaxed);
+        self.interfaces = self.dataplane.status(SystemTime::now());
         self.update_metrics();
         tick
     }
 
-    /// Every interface's status, with each peer's violations and the generation of the
-    /// `PinnedPeer` it was rendered from (from `spec`, the state being enforced).
-    pub fn status(&self, spec: &PinnedNodeStateSpec, now: SystemTime) -> Vec<InterfaceStatus> {
+    /// Every interface's status as the last tick read it, with each peer's violations and the
+    /// generation of the `PinnedPeer` it was rendered from (from `spec`, the state enforced).
+    pub fn status(&self, spec: &PinnedNodeStateSpec) -> Vec<InterfaceStatus> {
         let generations: BTreeMap<&str, Option<i64>> = spec
             .interfaces
             .iter()
             .flat_map(|i| i.peers.iter().map(|p| (p.name.as_str(), p.generation)))
             .collect();
-        let mut interfaces = self.dataplane.status(now);
+        let mut interfaces = self.interfaces.clone();
         for interface in &mut interfaces {
             for peer in &mut interface.peers {
                 peer.observed_generation = generations.get(peer.name.as_str()).copied().flatten();
@@ -335,7 +340,7 @@ impl Enforcer {
             self.metrics
                 .observe_events(global.events_rate_limited, global.events_lost);
         }
-        for interface in self.dataplane.status(SystemTime::now()) {
+        for interface in &self.interfaces {
             if let Some(mode) = interface.mode {
                 self.metrics
                     .mode
@@ -345,13 +350,13 @@ impl Enforcer {
                     })
                     .set(1);
             }
-            for peer in interface.peers {
+            for peer in &interface.peers {
                 let enforced = i64::from(peer.state == EnforcementState::Enforced);
                 self.metrics
                     .peer_enforced
                     .get_or_create(&PeerLabels {
                         interface: interface.name.clone(),
-                        peer: peer.name,
+                        peer: peer.name.clone(),
                     })
                     .set(enforced);
             }
