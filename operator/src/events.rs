@@ -214,6 +214,22 @@ impl PlannedEvent {
     }
 }
 
+/// The problem a peer's status already reports (`Stalled` True with a problem's reason): what
+/// an earlier operator announced.
+fn announced_in_status(peer: &PinnedPeer) -> BTreeMap<ProblemReason, String> {
+    peer.status
+        .iter()
+        .flat_map(|status| &status.conditions)
+        .filter(|c| c.type_ == wgpin_crds::conditions::STALLED && c.status == "True")
+        .filter_map(|c| {
+            Some((
+                ProblemReason::from_condition_reason(&c.reason)?,
+                c.message.clone(),
+            ))
+        })
+        .collect()
+}
+
 /// Cuts `text` to at most `max` bytes on a character boundary, marking the cut with "…".
 fn truncate(mut text: String, max: usize) -> String {
     if text.len() <= max {
@@ -378,9 +394,10 @@ impl PeerMemory {
 /// - a counter that leaves the reports is forgotten (the agent's state for it is gone); if it
 ///   comes back, it is counted in full.
 ///
-/// Problems are announced on the first pass too: a planner cannot know what an earlier
-/// operator announced, and one Event per broken peer per restart is cheap, while a problem that
-/// appeared during a restart would otherwise never be announced.
+/// Problems: a planner that starts (an operator restart, a new leader) takes what the peer's
+/// status already says as announced — the `Stalled` condition is written in the pass that
+/// announces the problem — so a restart does not announce every broken peer again. A problem
+/// whose status does not show it yet (it appeared during the restart) is announced.
 #[derive(Clone, Debug)]
 pub struct EventPlanner {
     window: SignedDuration,
@@ -508,6 +525,7 @@ impl EventPlanner {
         self.peers.retain(|name, _| existing.contains_key(name));
         self.counters
             .retain(|(_, peer), _| existing.contains_key(peer));
+        let starting = !self.primed;
         for (name, peer) in existing {
             let uid = peer.metadata.uid.clone();
             let memory = self.peers.entry(name.clone()).or_default();
@@ -516,6 +534,9 @@ impl EventPlanner {
                     uid,
                     ..PeerMemory::default()
                 };
+            }
+            if starting {
+                memory.problems = announced_in_status(peer);
             }
         }
     }

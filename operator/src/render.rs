@@ -70,6 +70,22 @@ impl ProblemReason {
             Self::PortRangeExhausted => "PortRangeExhausted",
         }
     }
+
+    /// Every reason.
+    pub const ALL: [Self; 7] = [
+        Self::InvalidSpec,
+        Self::InterfaceNotFound,
+        Self::InterfaceInvalid,
+        Self::DuplicatePublicKey,
+        Self::OverlappingAllowedIPs,
+        Self::NoNodeSelected,
+        Self::PortRangeExhausted,
+    ];
+
+    /// The reason a condition names, if it is one of these.
+    pub fn from_condition_reason(reason: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == reason)
+    }
 }
 
 /// One object's problem, with a message that says what to change.
