@@ -166,3 +166,9 @@ ensure_netns_tools() {
         mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs on /sys/fs/bpf"
     fi
 }
+
+# ensure_vm_tools: the kernel-VM tier (tests/vm/): QEMU (TCG, no KVM needed), a static busybox
+# for the guest's initramfs, depmod (kmod), cpio, and xz/zstd for the kernel image and modules.
+ensure_vm_tools() {
+    ensure_apt qemu-system-x86 busybox-static kmod cpio xz-utils zstd
+}

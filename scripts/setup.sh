@@ -18,4 +18,6 @@ if [ "${1:-}" = "--test" ]; then
     ensure_helm
     # The Argo CD health checks (Lua) run through a real interpreter (scripts/test-gitops.sh).
     ensure_apt lua5.4
+    # The kernel-VM tier: QEMU and what builds its image from Debian packages (tests/vm/).
+    ensure_vm_tools
 fi
