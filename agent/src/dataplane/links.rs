@@ -4,7 +4,11 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{LinkAttribute, LinkFlags},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// Opens an rtnetlink connection in the current thread's network namespace. The connection
@@ -27,8 +31,9 @@ pub async fn index(handle: &Handle, name: &str) -> Result<Option<u32>, String> {
     }
 }
 
-/// Brings a device to the wanted MTU, up, with exactly `addresses` and a route to each of
-/// `routes`. Returns how many changes it made.
+/// Brings a device to the wanted MTU, up, with exactly `addresses` and exactly one static route
+/// to each of `routes`. Reads first and writes only what differs; returns how many changes it
+/// made.
 pub async fn configure(
     handle: &Handle,
     name: &str,
@@ -36,20 +41,37 @@ pub async fn configure(
     addresses: &[IpNet],
     routes: &[IpNet],
 ) -> Result<usize, String> {
-    let Some(index) = index(handle, name).await? else {
-        return Err(format!("link {name} does not exist"));
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    let current = match links.try_next().await {
+        Ok(Some(link)) => link,
+        Ok(None) => return Err(format!("link {name} does not exist")),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => {
+            return Err(format!("link {name} does not exist"));
+        }
+        Err(e) => return Err(format!("looking up link {name}: {e}")),
     };
+    let index = current.header.index;
     let mut changes = 0;
-    let mut link = LinkUnspec::new_with_index(index).up();
-    if let Some(mtu) = mtu {
-        link = link.mtu(u32::from(mtu));
+    // Written only when it differs: a reconcile without change makes no rtnetlink write either.
+    let is_up = current.header.flags.contains(LinkFlags::Up);
+    let current_mtu = current.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(mtu) => Some(*mtu),
+        _ => None,
+    });
+    let wrong_mtu = mtu.is_some_and(|mtu| current_mtu != Some(u32::from(mtu)));
+    if !is_up || wrong_mtu {
+        let mut link = LinkUnspec::new_with_index(index).up();
+        if let Some(mtu) = mtu {
+            link = link.mtu(u32::from(mtu));
+        }
+        handle
+            .link()
+            .set(link.build())
+            .execute()
+            .await
+            .map_err(|e| format!("setting {name} up: {e}"))?;
+        changes += 1;
     }
-    handle
-        .link()
-        .set(link.build())
-        .execute()
-        .await
-        .map_err(|e| format!("setting {name} up: {e}"))?;
 
     let mut present = Vec::new();
     let mut existing = handle
@@ -92,7 +114,56 @@ pub async fn configure(
             .map_err(|e| format!("adding {address} to {name}: {e}"))?;
         changes += 1;
     }
-    for route in routes {
+    // Routes: the static routes on this link are ours; add the missing, remove the stale (a
+    // peer's allowed IPs that left).
+    let mut routed: Vec<(IpNet, RouteMessage)> = Vec::new();
+    for dump in [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let mut existing = handle.route().get(dump).execute();
+        while let Some(message) = existing
+            .try_next()
+            .await
+            .map_err(|e| format!("reading routes of {name}: {e}"))?
+        {
+            let on_link = message
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(oif) if *oif == index));
+            if !on_link || message.header.protocol != RouteProtocol::Static {
+                continue;
+            }
+            let length = message.header.destination_prefix_length;
+            let destination = message.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                    IpNet::new(IpAddr::V4(*ip), length).ok()
+                }
+                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                    IpNet::new(IpAddr::V6(*ip), length).ok()
+                }
+                _ => None,
+            });
+            if let Some(destination) = destination {
+                routed.push((destination, message));
+            }
+        }
+    }
+    for (destination, message) in &routed {
+        if !routes.contains(destination) {
+            handle
+                .route()
+                .del(message.clone())
+                .execute()
+                .await
+                .map_err(|e| format!("removing the route to {destination} from {name}: {e}"))?;
+            changes += 1;
+        }
+    }
+    for route in routes
+        .iter()
+        .filter(|r| !routed.iter().any(|(d, _)| d == *r))
+    {
         let message = match route {
             IpNet::V4(net) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
                 .destination_prefix(net.network(), net.prefix_len())
@@ -110,6 +181,7 @@ pub async fn configure(
             .execute()
             .await
             .map_err(|e| format!("routing {route} to {name}: {e}"))?;
+        changes += 1;
     }
     Ok(changes)
 }
