@@ -33,6 +33,8 @@ pub mod node_state;
 pub mod peer;
 mod schema;
 pub mod validate;
+#[cfg(test)]
+mod validate_props;
 
 pub use interface::{PinMode, PinnedInterface, PinnedInterfaceSpec, PinnedInterfaceStatus};
 pub use key::WireGuardKey;

@@ -70,7 +70,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(
 ) -> Result<T, Vec<FieldError>> {
     let mut unknown = Vec::new();
     let mut on_unknown = |path: serde_ignored::Path<'_>| {
-        let path = path.to_string();
+        let path = field_path(&path);
         // The derived resource types take their apiVersion and kind from the type itself.
         if path != "apiVersion" && path != "kind" {
             unknown.push(FieldError::new(
@@ -98,6 +98,24 @@ pub fn decode<T: serde::de::DeserializeOwned>(
                 None => FieldError::new(path, message),
             }])
         }
+    }
+}
+
+/// A path as the API server writes it (`spec.endpoint.port`, `spec.sources[2]`).
+/// `serde_ignored`'s own `Display` writes `?` for every `Option` and newtype on the way
+/// (`spec.endpoint.?.port`) and indexes as fields (`spec.sources.2`).
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
     }
 }
 
@@ -173,7 +191,13 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
-/// Parses a network prefix as the API accepts it: canonical, host bits clear.
+/// Parses a network prefix as the API accepts it: canonical, host bits clear, not IPv4-mapped.
+///
+/// Other IPv6 forms that embed an IPv4 address (IPv4-compatible `::c000:202`, NAT64
+/// `64:ff9b::c000:202`) are accepted when written canonically, as the IPv6 prefixes they
+/// literally are: the fast path keeps the families apart, so such a pin admits IPv6 packets
+/// from those addresses only and never the IPv4 address inside (their dotted spellings, such as
+/// `::192.0.2.2/128`, are not canonical and are refused).
 pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
     let net = parse_cidr(s)?;
     let canonical = net.trunc();

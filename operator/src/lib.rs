@@ -13,6 +13,8 @@ pub mod interface_status;
 pub mod leader;
 pub mod metrics;
 pub mod render;
+#[cfg(test)]
+mod render_props;
 pub mod rollup;
 
 pub use render::{NodeInfo, PortAssignments, Problem, ProblemReason, Rendered, render};

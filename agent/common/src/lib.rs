@@ -10,6 +10,8 @@
 #[cfg(any(test, feature = "craft"))]
 pub mod craft;
 pub mod parse;
+#[cfg(test)]
+mod parse_props;
 
 pub use parse::{Packet, Parsed, parse};
 

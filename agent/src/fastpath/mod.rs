@@ -7,6 +7,8 @@
 
 pub mod loader;
 mod netlink;
+#[cfg(test)]
+mod props;
 pub mod state;
 
 pub use loader::{

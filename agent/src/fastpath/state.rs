@@ -147,15 +147,16 @@ pub fn desired_state(
 ) -> (FastPathState, Vec<Unenforceable>) {
     let mut state = FastPathState::default();
     let mut problems = Vec::new();
-    // Which interface owns each port, to refuse a second owner.
-    let mut port_owner: BTreeMap<u16, String> = BTreeMap::new();
+    // Which interface (and, for a dedicated port, which peer) owns each port, to refuse a
+    // second owner: a dedicated port admits one peer's pin, never the union of two.
+    let mut port_owner: BTreeMap<u16, (String, Option<String>)> = BTreeMap::new();
     let mut claim = |port: u16,
                      interface: &str,
                      peer: Option<&str>,
                      problems: &mut Vec<Unenforceable>|
      -> bool {
         match port_owner.get(&port) {
-            Some(owner) if owner != interface => {
+            Some((owner, _)) if owner != interface => {
                 problems.push(Unenforceable::new(
                     interface,
                     peer,
@@ -163,8 +164,19 @@ pub fn desired_state(
                 ));
                 false
             }
+            Some((_, owner)) if owner.as_deref() != peer => {
+                problems.push(Unenforceable::new(
+                    interface,
+                    peer,
+                    format!(
+                        "UDP port {port} is already the dedicated port of peer {:?}",
+                        owner.as_deref().unwrap_or_default()
+                    ),
+                ));
+                false
+            }
             _ => {
-                port_owner.insert(port, interface.to_string());
+                port_owner.insert(port, (interface.to_string(), peer.map(str::to_string)));
                 true
             }
         }
@@ -244,8 +256,13 @@ pub fn desired_state(
                     };
                     for prefix in prefixes {
                         pins.entry(PinKey { port, prefix })
-                            // The same prefix pinned by two peers belongs to neither alone.
-                            .and_modify(|entry| entry.peer_slot = NO_PEER)
+                            // The same prefix pinned by two peers belongs to neither alone
+                            // (but one peer listing it twice still owns it).
+                            .and_modify(|entry| {
+                                if entry.peer_slot != peer_slot {
+                                    entry.peer_slot = NO_PEER;
+                                }
+                            })
                             .or_insert(AllowEntry { peer_slot });
                     }
                 }
@@ -479,6 +496,43 @@ mod tests {
                 .keys()
                 .any(|k| k.port == 51821 && k.prefix.to_string() == "198.51.100.0/24")
         );
+    }
+
+    /// Two peers of one interface handed the same dedicated port (a rendered state the
+    /// operator never writes, but the agent takes it as input): the port admitted the union of
+    /// both pins and named only the second peer. The first keeps it; the second is left out.
+    #[test]
+    fn a_dedicated_port_is_never_shared_by_two_peers() {
+        let gateway = interface(
+            "gateway",
+            51820,
+            vec![
+                peer("alice", &["192.0.2.2/32"], Some(51900)),
+                peer("bob", &["198.51.100.0/24"], Some(51900)),
+            ],
+        );
+        let mut slots = SlotTable::default();
+        let (state, problems) = desired_state(
+            &[EnforcedInterface {
+                rendered: &gateway,
+                mode: ResolvedMode::Dedicated,
+            }],
+            &mut slots,
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].peer.as_deref(), Some("bob"));
+        assert!(
+            problems[0]
+                .to_string()
+                .contains("already the dedicated port of peer \"alice\""),
+            "{}",
+            problems[0]
+        );
+        assert_eq!(
+            state.pins,
+            [(pin(51900, "192.0.2.2/32"), AllowEntry { peer_slot: 0 })].into()
+        );
+        assert_eq!(state.ports[&51900].peer_slot, 0);
     }
 
     #[test]

@@ -7,6 +7,8 @@ pub mod diff;
 pub mod keys;
 pub mod model;
 pub mod netlink;
+#[cfg(test)]
+mod props;
 pub mod uapi;
 
 pub use backend::Backend;

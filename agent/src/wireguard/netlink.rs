@@ -223,13 +223,17 @@ fn merge_peer(device: &mut DeviceState, peer: &WireguardPeer) {
                 state.persistent_keepalive = (*seconds != 0).then_some(*seconds);
             }
             WireguardPeerAttribute::LastHandshake(time) => {
-                state.last_handshake = (time.seconds > 0 || time.nano_seconds > 0).then(|| {
-                    UNIX_EPOCH
-                        + Duration::new(
-                            u64::try_from(time.seconds).unwrap_or_default(),
-                            u32::try_from(time.nano_seconds).unwrap_or_default(),
-                        )
-                });
+                // A time the system clock cannot hold (a hostile or broken reply) is no
+                // handshake rather than a panic.
+                state.last_handshake = if time.seconds > 0 || time.nano_seconds > 0 {
+                    Duration::from_secs(u64::try_from(time.seconds).unwrap_or_default())
+                        .checked_add(Duration::from_nanos(
+                            u64::try_from(time.nano_seconds).unwrap_or_default(),
+                        ))
+                        .and_then(|since_epoch| UNIX_EPOCH.checked_add(since_epoch))
+                } else {
+                    None
+                };
             }
             WireguardPeerAttribute::RxBytes(bytes) => state.rx_bytes = *bytes,
             WireguardPeerAttribute::TxBytes(bytes) => state.tx_bytes = *bytes,

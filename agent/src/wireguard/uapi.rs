@@ -45,7 +45,8 @@ pub enum UapiError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{interface}: WireGuard refused the request: errno={errno} ({})", std::io::Error::from_raw_os_error(errno.abs()))]
+    // `saturating_abs`: `abs` of i32::MIN overflows, and the errno comes from the other side.
+    #[error("{interface}: WireGuard refused the request: errno={errno} ({})", std::io::Error::from_raw_os_error(errno.saturating_abs()))]
     Errno { interface: String, errno: i32 },
     #[error("{interface}: unexpected reply line {line:?}")]
     Protocol { interface: String, line: String },
@@ -60,7 +61,8 @@ fn hex(bytes: &[u8; 32]) -> String {
 }
 
 fn unhex(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
+    // Hex digits only: `from_str_radix` alone would also take a sign ("+f").
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -68,6 +70,32 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
         *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// Parses an endpoint as userspace implementations print it. wireguard-go prints an IPv6
+/// link-local endpoint with its zone by name (`[fe80::1%eth0]:51820`, Go's `netip.AddrPort`),
+/// which `SocketAddr` does not parse: such a zone is dropped (scope id 0). The address and port,
+/// which the pin check needs, are kept exactly; refusing the line instead would make one peer's
+/// endpoint fail the read of the whole device, and with it every peer's pin check.
+fn parse_endpoint(text: &str) -> Option<SocketAddr> {
+    if let Ok(endpoint) = text.parse() {
+        return Some(endpoint);
+    }
+    let (address, rest) = text.strip_prefix('[')?.split_once('%')?;
+    let (zone, port) = rest.split_once("]:")?;
+    let zone_ok = !zone.is_empty()
+        && zone.len() <= 15
+        && zone
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.@".contains(&b));
+    if !zone_ok {
+        return None;
+    }
+    let address: std::net::Ipv6Addr = address.parse().ok()?;
+    let port: u16 = port.parse().ok()?;
+    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+        address, port, 0, 0,
+    )))
 }
 
 fn endpoint_text(endpoint: &SocketAddr) -> String {
@@ -135,8 +163,9 @@ pub fn parse_get(interface: &str, reply: &str) -> Result<DeviceState, UapiError>
     let mut handshake_nanos: u32 = 0;
     let finish = |peer: &mut Option<PeerState>, device: &mut DeviceState, secs: u64, nanos: u32| {
         if let Some(mut done) = peer.take() {
-            done.last_handshake =
-                (secs != 0 || nanos != 0).then(|| UNIX_EPOCH + Duration::new(secs, nanos));
+            done.last_handshake = (secs != 0 || nanos != 0)
+                .then(|| UNIX_EPOCH.checked_add(Duration::new(secs, nanos)))
+                .flatten();
             device.peers.insert(done.public_key, done);
         }
     };
@@ -184,7 +213,7 @@ pub fn parse_get(interface: &str, reply: &str) -> Result<DeviceState, UapiError>
                 peer.preshared_key = (bytes != [0; 32]).then(|| SecretKey::from_bytes(bytes));
             }
             ("endpoint", Some(peer)) => {
-                peer.endpoint = Some(value.parse().map_err(|_| protocol(line))?)
+                peer.endpoint = Some(parse_endpoint(value).ok_or_else(|| protocol(line))?)
             }
             ("persistent_keepalive_interval", Some(peer)) => {
                 let seconds: u16 = value.parse().map_err(|_| protocol(line))?;
@@ -194,11 +223,27 @@ pub fn parse_get(interface: &str, reply: &str) -> Result<DeviceState, UapiError>
                 peer.allowed_ips
                     .insert(value.parse().map_err(|_| protocol(line))?);
             }
+            // Checked here so that `finish` cannot overflow: `SystemTime + Duration` panics
+            // past the end of time, and `Duration::new` when the nanoseconds carry over.
             ("last_handshake_time_sec", Some(_)) => {
-                handshake_secs = value.parse().map_err(|_| protocol(line))?
+                handshake_secs = value
+                    .parse()
+                    .ok()
+                    .filter(|secs| {
+                        // Room for the nanoseconds too: up to one more second.
+                        UNIX_EPOCH
+                            .checked_add(Duration::from_secs(*secs))
+                            .and_then(|time| time.checked_add(Duration::from_secs(1)))
+                            .is_some()
+                    })
+                    .ok_or_else(|| protocol(line))?
             }
             ("last_handshake_time_nsec", Some(_)) => {
-                handshake_nanos = value.parse().map_err(|_| protocol(line))?
+                handshake_nanos = value
+                    .parse()
+                    .ok()
+                    .filter(|nanos| *nanos < 1_000_000_000)
+                    .ok_or_else(|| protocol(line))?
             }
             ("rx_bytes", Some(peer)) => {
                 peer.rx_bytes = value.parse().map_err(|_| protocol(line))?
