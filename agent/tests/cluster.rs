@@ -323,5 +323,59 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
         .collect();
     let problems = access::audit(access::AGENT, &calls, "");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    // The node's private keys: 0600 on the node, and nowhere else — not in the agent's log,
+    // not in its metrics, not in any object in the API.
+    let keys_dir = setup.paths.state.join("keys");
+    let mut private_keys = Vec::new();
+    for entry in std::fs::read_dir(&keys_dir).expect("the node's keys") {
+        let path = entry.expect("entry").path();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).expect("metadata").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        private_keys.push(
+            std::fs::read_to_string(&path)
+                .expect("key")
+                .trim()
+                .to_string(),
+        );
+    }
+    assert!(
+        !private_keys.is_empty(),
+        "no key under {}",
+        keys_dir.display()
+    );
+    let scraped = agent
+        .metrics_address()
+        .map(|address| http_get_in(&lan.gateway_ns, address, "/metrics"))
+        .unwrap_or_default();
+    let api_objects = serde_json::to_string(&(
+        runtime
+            .block_on(states.list(&ListParams::default()))
+            .expect("states")
+            .items,
+        runtime
+            .block_on(peers.list(&ListParams::default()))
+            .expect("peers")
+            .items,
+        runtime
+            .block_on(events.list(&ListParams::default()))
+            .expect("events")
+            .items,
+    ))
+    .expect("json");
+    for key in &private_keys {
+        for (place, text) in [
+            ("the agent's log", agent.log()),
+            ("the agent's metrics", scraped.clone()),
+            ("the API", api_objects.clone()),
+        ] {
+            assert!(
+                !text.contains(key.as_str()),
+                "a node private key is in {place}"
+            );
+        }
+    }
     drop(agent);
 }
