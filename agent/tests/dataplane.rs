@@ -480,3 +480,50 @@ fn peers_go_live_after_their_pins_and_leave_before_them() {
     );
     assert!(peer_out < pin_out, "the peer first: {removing:#?}");
 }
+
+#[test]
+fn routes_follow_the_peers_allowed_ips_and_an_unchanged_state_writes_no_link() {
+    let Testbed {
+        gateway, lan, id, ..
+    } = &Testbed::new();
+    let device = format!("wgr{id}");
+    let (laptop, phone) = (
+        SecretKey::generate().expect("key"),
+        SecretKey::generate().expect("key"),
+    );
+    let both = gateway_spec(
+        &device,
+        PinMode::Shared,
+        vec![
+            laptop_peer(&laptop, None),
+            rendered_peer("phone", &phone, "198.51.100.3", "192.0.2.3/32", None),
+        ],
+    );
+    let routes = || {
+        support::run(
+            "ip",
+            &["-n", &lan.gateway_ns, "route", "show", "dev", &device],
+        )
+    };
+    gateway.reconcile(both);
+    let before = routes();
+    assert!(
+        before.contains("198.51.100.2 ") && before.contains("198.51.100.3 "),
+        "{before}"
+    );
+
+    // The phone goes: its route goes with it; the laptop's stays.
+    let one = gateway_spec(&device, PinMode::Shared, vec![laptop_peer(&laptop, None)]);
+    let writes = gateway.reconcile(one.clone());
+    assert!(writes.links >= 1, "{writes:?}");
+    let after = routes();
+    assert!(
+        after.contains("198.51.100.2 ") && !after.contains("198.51.100.3 "),
+        "{after}"
+    );
+    assert_eq!(
+        gateway.reconcile(one),
+        Writes::default(),
+        "nothing changed: no link, address or route write either"
+    );
+}
