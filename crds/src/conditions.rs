@@ -46,7 +46,12 @@ pub fn set_condition(conditions: &mut Vec<Condition>, new: Condition) -> bool {
     }
 }
 
-/// Builds a condition; `status` is `"True"`, `"False"` or `"Unknown"`.
+/// The API server refuses a condition message longer than this (bytes).
+pub const MAX_MESSAGE_BYTES: usize = 32_768;
+
+/// Builds a condition; `status` is `"True"`, `"False"` or `"Unknown"`. A message longer than
+/// the API server accepts is cut (with "…"), so one huge message cannot make the whole status
+/// write fail.
 pub fn condition(
     type_: &str,
     status: &str,
@@ -59,15 +64,40 @@ pub fn condition(
         type_: type_.to_string(),
         status: status.to_string(),
         reason: reason.to_string(),
-        message: message.into(),
+        message: truncate(message.into(), MAX_MESSAGE_BYTES),
         observed_generation,
         last_transition_time: now,
     }
 }
 
+/// Cuts `text` to at most `max` bytes on a character boundary, marking the cut with "…". For
+/// every text with a size limit in the API (condition messages, Event notes).
+pub fn truncate(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_longer_than_the_api_accepts_is_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let c = condition("Ready", "False", "Why", long, None, at(0));
+        assert!(c.message.len() <= MAX_MESSAGE_BYTES);
+        assert!(c.message.ends_with('…'));
+        let short = condition("Ready", "False", "Why", "fine", None, at(0));
+        assert_eq!(short.message, "fine");
+    }
 
     fn at(secs: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(secs).expect("valid timestamp"))

@@ -199,7 +199,7 @@ impl PlannedEvent {
             }
             Cause::FailClosed { node, message, .. } => format!("on node {node}: {message}"),
         };
-        truncate(note, MAX_NOTE_BYTES)
+        wgpin_crds::conditions::truncate(note, MAX_NOTE_BYTES)
     }
 
     /// The `PinnedPeer` this is about (cluster-scoped: no namespace).
@@ -228,20 +228,6 @@ fn announced_in_status(peer: &PinnedPeer) -> BTreeMap<ProblemReason, String> {
             ))
         })
         .collect()
-}
-
-/// Cuts `text` to at most `max` bytes on a character boundary, marking the cut with "…".
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    text.push('…');
-    text
 }
 
 /// An offending source as the planner keys it.
