@@ -195,9 +195,6 @@ impl Enforcer {
                     self.metrics
                         .reconcile_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    if writes != Writes::default() {
-                        self.log_enforcement(&writes);
-                    }
                     let enforced: std::collections::BTreeSet<String> = spec
                         .interfaces
                         .iter()
@@ -218,6 +215,9 @@ impl Enforcer {
         }
         self.ready.store(self.converged(), Ordering::Relaxed);
         self.interfaces = self.dataplane.status(SystemTime::now());
+        if let Some(writes) = tick.applied.filter(|w| *w != Writes::default()) {
+            self.log_enforcement(&writes);
+        }
         self.update_metrics();
         tick
     }
@@ -240,8 +240,9 @@ impl Enforcer {
         interfaces
     }
 
+    /// Logs what is enforced after a reconcile that changed something, from this tick's read.
     fn log_enforcement(&self, writes: &Writes) {
-        for interface in self.dataplane.status(SystemTime::now()) {
+        for interface in &self.interfaces {
             let enforced: Vec<&str> = interface
                 .peers
                 .iter()
