@@ -11,8 +11,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    cluster::{Loop, http_get_in, metric_value, wait_for},
-    peer_device, tunnel_datagrams,
+    cluster::{Loop, http_get_in, metric_value},
+    peer_device, tunnel_datagrams, wait_for, wait_for_device,
 };
 use wgpin_agent::wireguard::{SecretKey, Uapi};
 use wgpin_crds::{
@@ -56,20 +56,7 @@ fn kubectl_apply_to_enforcement_and_back_with_an_outage_a_moved_pin_and_a_deleti
     let mut agent = setup.agent();
     let peer_device_name = format!("{device}-0");
     let uapi = Uapi::default();
-    wait_for(
-        "the laptop's device on the gateway",
-        Duration::from_secs(30),
-        || {
-            uapi.get(&peer_device_name)
-                .is_ok_and(|d| d.peers.len() == 1)
-        },
-    );
-    let gateway_key = uapi
-        .get(&peer_device_name)
-        .expect("device")
-        .public_key
-        .expect("key")
-        .to_base64();
+    let gateway_key = wait_for_device(&peer_device_name, 1, Duration::from_secs(30));
 
     // The laptop connects: Ready and Enforced on the gateway, with its endpoint and handshake.
     let _laptop_wg = peer_device(

@@ -9,10 +9,12 @@ use std::{
     net::UdpSocket,
     path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use support::{Lan, in_netns, peer_device, run, unique_id};
+use support::{
+    GatewayCleanup, Lan, in_netns, peer_device, run, unique_id, wait_for, wait_for_device,
+};
 use wgpin_agent::wireguard::{SecretKey, Uapi};
 
 struct Agent {
@@ -75,29 +77,6 @@ impl Drop for Agent {
     }
 }
 
-/// Removes the gateway's devices (their wireguard-go exits with them) and the pins.
-struct Cleanup {
-    device: String,
-    bpffs: std::path::PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-f", &format!("^wireguard-go {}", self.device)])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.bpffs);
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn kill_9_and_restart_lose_no_packet_and_drift_is_repaired() {
     let lan = Lan::new();
@@ -105,7 +84,7 @@ fn kill_9_and_restart_lose_no_packet_and_drift_is_repaired() {
     let device = format!("wgt{id}");
     let work = tempfile::tempdir().expect("work dir");
     let bpffs = std::path::PathBuf::from(format!("/sys/fs/bpf/wgpin-sa-{id}"));
-    let _cleanup = Cleanup {
+    let _cleanup = GatewayCleanup {
         device: device.clone(),
         bpffs: bpffs.clone(),
     };
@@ -131,21 +110,7 @@ fn kill_9_and_restart_lose_no_packet_and_drift_is_repaired() {
 
     let mut agent = Agent::start(&lan, &dir, &state, &bpffs, &log);
     let uapi = Uapi::default();
-    wait_for(
-        "the gateway device with its peer",
-        Duration::from_secs(20),
-        || {
-            uapi.get(&device)
-                .map(|d| d.peers.len() == 1)
-                .unwrap_or(false)
-        },
-    );
-    let gateway_key = uapi
-        .get(&device)
-        .expect("device")
-        .public_key
-        .expect("key")
-        .to_base64();
+    let gateway_key = wait_for_device(&device, 1, Duration::from_secs(20));
     let _laptop_wg = peer_device(
         &lan.client_ns,
         &format!("wgl{id}"),

@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, atomic::AtomicBool},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -25,7 +25,7 @@ use wgpin_operator::{
 };
 use wgpin_test_apiserver::{FakeApiServer, kubeconfig, serve_http};
 
-use super::{Lan, in_netns, unique_id};
+use super::{GatewayCleanup, Lan, in_netns, unique_id};
 
 /// `wgpin-agent cluster` in the gateway namespace, its log in a file.
 pub struct Agent {
@@ -103,29 +103,6 @@ impl Drop for Agent {
     }
 }
 
-/// Kills the gateway's wireguard-go processes (they outlive their namespace) and the pins.
-struct Cleanup {
-    device: String,
-    bpffs: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-f", &format!("^wireguard-go {}", self.device)])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.bpffs);
-    }
-}
-
-pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `kubectl apply -f` of a YAML stream: server-side apply of each document.
 pub async fn kubectl_apply(client: &Client, yaml: &str) {
     let documents: Vec<Value> = serde_saphyr::from_multiple(yaml).expect("YAML");
@@ -190,7 +167,7 @@ pub struct Loop {
     pub id: String,
     stop_operator: Option<tokio::sync::oneshot::Sender<()>>,
     _work: tempfile::TempDir,
-    _cleanup: Cleanup,
+    _cleanup: GatewayCleanup,
     pub lan: Lan,
 }
 
@@ -201,7 +178,7 @@ impl Loop {
         let device = format!("wgk{id}");
         let work = tempfile::tempdir().expect("work dir");
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/wgpin-cl-{id}"));
-        let cleanup = Cleanup {
+        let cleanup = GatewayCleanup {
             device: device.clone(),
             bpffs: bpffs.clone(),
         };

@@ -416,3 +416,47 @@ pub fn tunnel_datagrams(lan: &Lan, from_ns: &str, source: &str) -> usize {
     std::thread::sleep(Duration::from_millis(500));
     receiver.drain().len()
 }
+
+/// Polls `done` every 50 ms until it holds; fails the test after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the gateway's WireGuard `device` has exactly `peers` peers and returns its
+/// public key (the key a peer configures to reach it).
+pub fn wait_for_device(device: &str, peers: usize, timeout: Duration) -> String {
+    let uapi = wgpin_agent::wireguard::Uapi::default();
+    wait_for(
+        &format!("the gateway device {device} with {peers} peer(s)"),
+        timeout,
+        || uapi.get(device).is_ok_and(|d| d.peers.len() == peers),
+    );
+    uapi.get(device)
+        .expect("device")
+        .public_key
+        .expect("key")
+        .to_base64()
+}
+
+/// Kills an agent's wireguard-go processes (they outlive their namespace) and removes its
+/// pins, on drop. `device` is a prefix: dedicated devices are `<device>-<n>`.
+pub struct GatewayCleanup {
+    pub device: String,
+    pub bpffs: std::path::PathBuf,
+}
+
+impl Drop for GatewayCleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-f", &format!("^wireguard-go {}", self.device)])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
