@@ -182,20 +182,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match cli.log_format {
-        LogFormat::Human => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-    }
+    wgpin_operator::process::init_logging(matches!(cli.log_format, LogFormat::Json));
     match cli.command {
         Command::Render { manifests } => render_command(&manifests),
         Command::Standalone { manifests, enforce } => {
@@ -254,17 +241,7 @@ where
             return ExitCode::from(2);
         }
     };
-    let shutdown = Box::pin(async {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-    });
+    let shutdown = Box::pin(wgpin_operator::process::termination());
     match runtime.block_on(command(shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -12,6 +12,7 @@ pub mod http;
 pub mod interface_status;
 pub mod leader;
 pub mod metrics;
+pub mod process;
 pub mod render;
 #[cfg(test)]
 mod render_props;

@@ -27,6 +27,7 @@ use wgpin_operator::{
     http::{Probes, serve},
     leader,
     metrics::Metrics,
+    process,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -62,50 +63,15 @@ struct Args {
     event_namespace: String,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-            .init(),
-    }
-}
-
-/// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+/// Resolves on SIGTERM or Ctrl-C, and says so.
 async fn termination() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    process::termination().await;
     tracing::info!("stopping");
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    process::init_logging(matches!(args.log_format, LogFormat::Json));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
