@@ -115,7 +115,8 @@ pub struct Snapshot {
     pub states: BTreeMap<String, Arc<PinnedNodeState>>,
 }
 
-fn node_info(node: &Node) -> NodeInfo {
+/// A node's name and labels, from a `Node` or its metadata only.
+fn node_info(node: &impl ResourceExt) -> NodeInfo {
     NodeInfo {
         name: node.name_any(),
         labels: node.labels().clone(),
@@ -261,6 +262,11 @@ impl Controller {
             finalizers_added: WriteMemo::default(),
             released: WriteMemo::default(),
         }
+    }
+
+    /// When Events held back by the rate limit are due, if any are: the loop runs a pass then.
+    pub fn next_due(&self) -> Option<Time> {
+        self.planner.next_due()
     }
 
     /// One pass over `snapshot`. Stops at the first failed write; the next pass resumes where
@@ -684,13 +690,6 @@ fn nodes_still_running(
         .collect()
 }
 
-impl Controller {
-    /// When Events held back by the rate limit are due, if any are: the loop runs a pass then.
-    pub fn next_due(&self) -> Option<Time> {
-        self.planner.next_due()
-    }
-}
-
 /// One pass over a fresh list of everything (tests, one-off runs).
 pub async fn reconcile_all(client: &Client, now: Time) -> Result<PassReport, ControllerError> {
     let snapshot = Snapshot::list(client).await?;
@@ -826,10 +825,7 @@ pub async fn run(
             nodes: nodes
                 .state()
                 .iter()
-                .map(|node| NodeInfo {
-                    name: node.name_any(),
-                    labels: node.labels().clone(),
-                })
+                .map(|node| node_info(&**node))
                 .collect(),
             states: states
                 .state()
