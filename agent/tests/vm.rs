@@ -18,7 +18,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{
-    peer_device, send_udp,
+    WireguardGo, peer_device, send_udp,
     vm::{ATTACKER_IP, GuestAgent, KernelCalls, LAPTOP_IP, VM_IP, Vm, VmNet, image_or_skip},
 };
 use wgpin_agent::wireguard::{SecretKey, Uapi};
@@ -86,6 +86,39 @@ fn send_through_tunnel(ns: &str, count: usize) {
 }
 
 /// Whether a wireguard-go device in a host namespace completed a handshake with the gateway.
+/// The laptop's address as the VM sees it.
+fn laptop_endpoint() -> String {
+    format!("{LAPTOP_IP}:40000")
+}
+
+/// Starts the laptop's wireguard-go with `laptop`'s key, pointed at the VM's `endpoint`, and
+/// asserts that it connects: the VM's `device` sees the laptop's endpoint within 20 s.
+fn connect_laptop(
+    vm: &mut Vm,
+    net: &VmNet,
+    device: &str,
+    laptop: &SecretKey,
+    gateway_key: &str,
+    endpoint: &str,
+) -> WireguardGo {
+    let wireguard = peer_device(
+        &net.laptop_ns,
+        &format!("wvl{}", net.id),
+        laptop,
+        gateway_key,
+        endpoint,
+        "198.51.100.2",
+    );
+    send_through_tunnel(&net.laptop_ns, 1);
+    assert!(
+        endpoint_becomes(vm, device, &laptop_endpoint(), Duration::from_secs(20)),
+        "the laptop connects: {}\n{}",
+        endpoints(vm, device),
+        GuestAgent::log(vm)
+    );
+    wireguard
+}
+
 fn handshake_completed(device: &str) -> bool {
     Uapi::default()
         .get(device)
@@ -126,26 +159,7 @@ fn without_wgpin_kernel_wireguard_hands_the_session_to_a_stolen_key() {
     let endpoint = format!("{VM_IP}:51820");
 
     // The laptop connects.
-    let laptop_device = format!("wvl{}", net.id);
-    let _laptop = peer_device(
-        &net.laptop_ns,
-        &laptop_device,
-        &laptop,
-        &gateway_key,
-        &endpoint,
-        "198.51.100.2",
-    );
-    send_through_tunnel(&net.laptop_ns, 1);
-    assert!(
-        endpoint_becomes(
-            vm,
-            "wg0",
-            &format!("{LAPTOP_IP}:40000"),
-            Duration::from_secs(20)
-        ),
-        "the laptop connects: {}",
-        endpoints(vm, "wg0")
-    );
+    let _laptop = connect_laptop(vm, &net, "wg0", &laptop, &gateway_key, &endpoint);
     assert!(gateway_pings_the_laptop(vm), "the tunnel works");
 
     // The attacker, with a copy of the laptop's key, from its own address.
@@ -247,23 +261,8 @@ fn dedicated_mode_with_kernel_wireguard_refuses_a_stolen_key_and_survives_kill_9
     let endpoint = format!("{VM_IP}:{port}");
 
     // (b) The laptop connects; the attacker with the same key, from its own address, does not.
-    let laptop_device = format!("wvl{}", net.id);
-    let _laptop = peer_device(
-        &net.laptop_ns,
-        &laptop_device,
-        &laptop,
-        &gateway_key,
-        &endpoint,
-        "198.51.100.2",
-    );
-    send_through_tunnel(&net.laptop_ns, 1);
-    let laptop_endpoint = format!("{LAPTOP_IP}:40000");
-    assert!(
-        endpoint_becomes(vm, device, &laptop_endpoint, Duration::from_secs(20)),
-        "the laptop connects: {}\n{}",
-        endpoints(vm, device),
-        GuestAgent::log(vm)
-    );
+    let _laptop = connect_laptop(vm, &net, device, &laptop, &gateway_key, &endpoint);
+    let laptop_endpoint = laptop_endpoint();
     assert!(gateway_pings_the_laptop(vm), "the tunnel works");
 
     let attacker_device = format!("wva{}", net.id);
@@ -412,22 +411,8 @@ fn shared_mode_with_kernel_wireguard_evicts_a_stolen_key_from_another_peers_addr
     let device = "wgv0";
     let (gateway_key, port) = start_agent(vm, device, &manifests("Shared", &laptop, &phone_peer));
     let endpoint = format!("{VM_IP}:{port}");
-    let laptop_device = format!("wvl{}", net.id);
-    let _laptop = peer_device(
-        &net.laptop_ns,
-        &laptop_device,
-        &laptop,
-        &gateway_key,
-        &endpoint,
-        "198.51.100.2",
-    );
-    send_through_tunnel(&net.laptop_ns, 1);
-    let laptop_endpoint = format!("{LAPTOP_IP}:40000");
-    assert!(
-        endpoint_becomes(vm, device, &laptop_endpoint, Duration::from_secs(20)),
-        "the laptop connects: {}",
-        endpoints(vm, device)
-    );
+    let _laptop = connect_laptop(vm, &net, device, &laptop, &gateway_key, &endpoint);
+    let laptop_endpoint = laptop_endpoint();
 
     let attacker_device = format!("wva{}", net.id);
     let _attacker = peer_device(
