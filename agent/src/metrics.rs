@@ -10,7 +10,7 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -224,11 +224,7 @@ impl Metrics {
 
     /// The registry in the Prometheus text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        wgpin_operator::metrics::encode_text(&self.registry)
     }
 }
 

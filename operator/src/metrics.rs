@@ -148,12 +148,18 @@ impl Metrics {
 
     /// The registry in the Prometheus text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        encode_text(&self.registry)
     }
+}
+
+/// A registry in the Prometheus text format (empty if it cannot be encoded), for `/metrics`
+/// of both binaries.
+pub fn encode_text(registry: &Registry) -> String {
+    let mut out = String::new();
+    if encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
 }
 
 #[cfg(test)]
