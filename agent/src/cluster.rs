@@ -285,8 +285,8 @@ pub struct ActionEvents {
     failed: BTreeMap<String, String>,
 }
 
-/// At most one Event per peer and action in this long.
-const ACTION_EVENT_WINDOW: Duration = Duration::from_secs(60);
+/// At most one Event per peer and action in this long: the same window as the operator's Events.
+const ACTION_EVENT_WINDOW: Duration = wgpin_operator::events::DEFAULT_WINDOW;
 
 impl ActionEvents {
     /// The Events `tick` and the current `interfaces` call for.
