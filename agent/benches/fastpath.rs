@@ -186,13 +186,7 @@ fn next_v6(addr: Ipv6Addr) -> Ipv6Addr {
 /// peer slot of its own (so an allowed packet updates port and peer counters).
 fn pin_state(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> FastPathState {
     let mut state = FastPathState::default();
-    state.ports.insert(
-        PORT,
-        PortEntry {
-            port_slot: PORT_SLOT,
-            peer_slot: NO_PEER,
-        },
-    );
+    state.ports.insert(PORT, PortEntry::shared(PORT_SLOT));
     let prefixes = v4
         .iter()
         .map(|a| IpNet::V4(Ipv4Net::from(*a)))

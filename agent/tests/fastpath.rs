@@ -14,7 +14,8 @@ use std::{
 
 use support::{Pair, Receiver, SERVER_V4, SERVER_V6, in_netns, require_root, send_udp, unique_id};
 use wgpin_agent::fastpath::{
-    BpfPaths, FastPath, FastPathState, Hook, HookChoice, PinKey, Violation,
+    BpfPaths, FastPath, FastPathState, Hook, HookChoice, Op, PinKey, Violation,
+    state::{PeerIdentity, PeerPinKey},
 };
 use wgpin_common::{
     AllowEntry, Counters, NO_PEER, PortEntry,
@@ -78,9 +79,10 @@ fn state(ports: &[(u16, u32, u32)], pins: &[(u16, &str, u32)]) -> FastPathState 
             .map(|(port, port_slot, peer_slot)| {
                 (
                     *port,
-                    PortEntry {
-                        port_slot: *port_slot,
-                        peer_slot: *peer_slot,
+                    if *peer_slot == NO_PEER {
+                        PortEntry::shared(*port_slot)
+                    } else {
+                        PortEntry::dedicated(*port_slot, *peer_slot)
                     },
                 )
             })
@@ -96,6 +98,7 @@ fn state(ports: &[(u16, u32, u32)], pins: &[(u16, &str, u32)]) -> FastPathState 
                 )
             })
             .collect(),
+        ..FastPathState::default()
     }
 }
 
@@ -444,6 +447,226 @@ fn program_verdicts_on_crafted_frames() {
 
 /// A burst from one source gives one event; the rest are counted as rate-limited and handed
 /// on with the next event from that source.
+/// Identity mode's verdicts (`BPF_PROG_TEST_RUN`), with sessions recorded as the hook on
+/// `wg_index_hashtable_insert` would (the hook itself needs kernel WireGuard: the VM tier).
+/// Port 40010 is shared by peer A (slot 1, 192.0.2.0/28) and peer C (slot 2, 192.0.2.130/32);
+/// A's session index is 0x11 and C's 0x22.
+#[test]
+fn identity_mode_checks_each_session_against_its_own_peer() {
+    let root = TestRoot::new();
+    let mut fast_path = FastPath::open(root.paths()).expect("fast path loads");
+    const PORT: u16 = 40010;
+    let (a_slot, c_slot) = (1, 2);
+    let mut desired = state(
+        &[],
+        &[
+            (PORT, "192.0.2.0/28", a_slot),
+            (PORT, "192.0.2.130/32", c_slot),
+        ],
+    );
+    desired.ports.insert(PORT, PortEntry::identity(0));
+    for (slot, prefix) in [(a_slot, "192.0.2.0/28"), (c_slot, "192.0.2.130/32")] {
+        desired.peer_pins.insert(PeerPinKey {
+            peer_slot: slot,
+            prefix: prefix.parse().expect("prefix"),
+        });
+    }
+    for (slot, byte) in [(a_slot, 0xaa), (c_slot, 0xcc)] {
+        desired.identities.insert(
+            PeerIdentity {
+                port: PORT,
+                public_key: [byte; 32],
+            },
+            slot,
+        );
+    }
+    fast_path.apply(&desired).expect("maps written");
+    assert_eq!(fast_path.read_state().expect("read back"), desired);
+    // An event for every violation: this test checks what they say, not the rate limit.
+    fast_path
+        .set_event_interval(Duration::from_nanos(1))
+        .expect("event interval");
+    let (a_index, c_index, unknown) = (0x11, 0x22, 0x33);
+    fast_path
+        .record_session(PORT, a_index, a_slot)
+        .expect("session");
+    fast_path
+        .record_session(PORT, c_index, c_slot)
+        .expect("session");
+
+    const GATEWAY: [u8; 4] = [198, 51, 100, 1];
+    const A: [u8; 4] = [192, 0, 2, 2];
+    const C: [u8; 4] = [192, 0, 2, 130];
+    const OUTSIDE: [u8; 4] = [203, 0, 113, 9];
+    let to_gateway = |src, message, first, second| {
+        Frame::udp(Ip::V4(src, GATEWAY), 40000, PORT).wireguard(message, first, second)
+    };
+    let (pass, drop) = (true, false);
+    let ingress: Vec<(&str, Frame, bool)> = vec![
+        (
+            "initiation from C's address (cannot be attributed: the union decides)",
+            to_gateway(C, 1, 7, 0),
+            pass,
+        ),
+        (
+            "initiation from outside every pin",
+            to_gateway(OUTSIDE, 1, 7, 0),
+            drop,
+        ),
+        (
+            "A's data from A's address",
+            to_gateway(A, 4, a_index, 0),
+            pass,
+        ),
+        (
+            "A's data from C's address",
+            to_gateway(C, 4, a_index, 0),
+            drop,
+        ),
+        (
+            "C's data from C's address",
+            to_gateway(C, 4, c_index, 0),
+            pass,
+        ),
+        (
+            "C's data from A's address",
+            to_gateway(A, 4, c_index, 0),
+            drop,
+        ),
+        (
+            "a response to A's handshake from C's address",
+            to_gateway(C, 2, 9, a_index),
+            drop,
+        ),
+        (
+            "a response to A's handshake from A's address",
+            to_gateway(A, 2, 9, a_index),
+            pass,
+        ),
+        (
+            "a cookie reply for A's session from C's address",
+            to_gateway(C, 3, a_index, 0),
+            drop,
+        ),
+        (
+            "an unknown session from C's address (the union decides)",
+            to_gateway(C, 4, unknown, 0),
+            pass,
+        ),
+        (
+            "an unknown session from outside every pin",
+            to_gateway(OUTSIDE, 4, unknown, 0),
+            drop,
+        ),
+    ];
+    // Egress: what WireGuard sends from the identity port.
+    let from_gateway = |dst, message, first, second| {
+        Frame::udp(Ip::V4(GATEWAY, dst), PORT, 40000).wireguard(message, first, second)
+    };
+    let egress: Vec<(&str, Frame, bool)> = vec![
+        (
+            "a response for A to A's address",
+            from_gateway(A, 2, a_index, 9),
+            pass,
+        ),
+        (
+            "a response for A to C's address (a stolen key used there)",
+            from_gateway(C, 2, a_index, 9),
+            drop,
+        ),
+        (
+            "an initiation for A to C's address",
+            from_gateway(C, 1, a_index, 0),
+            drop,
+        ),
+        (
+            "a response for C to C's address",
+            from_gateway(C, 2, c_index, 9),
+            pass,
+        ),
+        (
+            "data (no sender index) to C's address",
+            from_gateway(C, 4, 9, 0),
+            pass,
+        ),
+        (
+            "a response with an unknown index",
+            from_gateway(C, 2, unknown, 9),
+            pass,
+        ),
+        (
+            "another port's traffic",
+            Frame::udp(Ip::V4(GATEWAY, C), 40011, 40000).wireguard(2, a_index, 9),
+            pass,
+        ),
+    ];
+    let mut failures = Vec::new();
+    let mut check = |hook: Hook, cases: &[(&str, Frame, bool)], pass_code: u32, drop_code: u32| {
+        for (name, frame, should_pass) in cases {
+            let (verdict, _) = fast_path
+                .test_run(hook, &frame.bytes(), 1)
+                .expect("test run");
+            let expected = if *should_pass { pass_code } else { drop_code };
+            if verdict != expected {
+                failures.push(format!(
+                    "{hook}: {name}: verdict {verdict}, expected {expected}"
+                ));
+            }
+        }
+    };
+    check(Hook::Xdp, &ingress, XDP_PASS, XDP_DROP);
+    check(Hook::Tc, &ingress, TC_NEXT, TC_SHOT);
+    check(Hook::Egress, &egress, TC_NEXT, TC_SHOT);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    let counters = fast_path.identity_counters().expect("identity counters");
+    // Per program: A's data, C's data, the response and the cookie from the wrong address.
+    assert_eq!(counters.ingress_dropped, 2 * 4, "{counters:?}");
+    assert_eq!(counters.egress_dropped, 2, "{counters:?}");
+    assert_eq!(counters.unknown_sessions, 2 * 2, "{counters:?}");
+    // The violations name the session's peer and the address that broke its pin.
+    let violations = fast_path.drain_violations();
+    let from = |kind: u8, slot: u32, source: [u8; 4]| {
+        violations
+            .iter()
+            .any(|v| v.kind == kind && v.peer_slot == slot && v.source == IpAddr::from(source))
+    };
+    assert!(
+        from(wgpin_common::VIOLATION_SESSION, a_slot, C),
+        "{violations:?}"
+    );
+    assert!(
+        from(wgpin_common::VIOLATION_SESSION, c_slot, A),
+        "{violations:?}"
+    );
+    assert!(
+        from(wgpin_common::VIOLATION_HANDSHAKE_OUT, a_slot, C),
+        "{violations:?}"
+    );
+    assert!(
+        from(wgpin_common::VIOLATION_SOURCE, NO_PEER, OUTSIDE),
+        "{violations:?}"
+    );
+    // Per-peer counters: A's drops are A's, whichever address they came from.
+    let a = fast_path.peer_counters(a_slot).expect("A's counters");
+    assert_eq!(a.dropped_packets, 2 * 3 + 2, "{a:?}");
+
+    // Removing identity mode takes the port's flag first, then identities and peer pins.
+    let ops = fast_path
+        .apply_ops(&FastPathState::default())
+        .expect("removed");
+    let first_identity = ops
+        .iter()
+        .position(|op| matches!(op, Op::DeleteIdentity(_)));
+    let port = ops.iter().position(|op| matches!(op, Op::DeletePort(_)));
+    assert!(port < first_identity, "{ops:?}");
+    assert_eq!(
+        fast_path.read_state().expect("read back"),
+        FastPathState::default()
+    );
+    fast_path.remove_all().expect("clean up");
+}
+
 #[test]
 fn event_rate_limit_holds_under_a_burst() {
     let pair = Pair::new();

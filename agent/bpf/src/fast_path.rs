@@ -1,16 +1,18 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::bpf_ktime_get_boot_ns,
-    macros::{classifier, map, xdp},
+    helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    macros::{classifier, fexit, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{TcContext, XdpContext},
+    programs::{FExitContext, TcContext, XdpContext},
 };
 use wgpin_common::{
     AllowEntry, AllowV4, AllowV6, Config, Counters, DEFAULT_EVENT_INTERVAL_NS,
-    DEFAULT_EVENTS_PER_CPU_PER_SECOND, EventBudget, FAMILY_V4, GlobalCounters, MAX_PEER_SLOTS,
-    MAX_PORT_SLOTS, MAX_PORTS, MAX_PREFIXES, MAX_RATE_SOURCES, NO_PEER, Packet, Parsed, PortEntry,
-    PortKey, RateState, SourceKey, VIOLATIONS_BYTES, ViolationEvent, allow_prefix_len, parse,
-    parse::Udp,
+    DEFAULT_EVENTS_PER_CPU_PER_SECOND, EventBudget, FAMILY_V4, GlobalCounters, IdentityCounters,
+    IdentityKey, IdentityLayout, MAX_PEER_SLOTS, MAX_PORT_SLOTS, MAX_PORTS, MAX_PREFIXES,
+    MAX_RATE_SOURCES, MAX_SESSIONS, NO_PEER, Packet, Parsed, PeerPinV4, PeerPinV6, PortEntry,
+    PortKey, RateState, SessionEntry, SessionKey, SourceKey, VIOLATION_HANDSHAKE_OUT,
+    VIOLATION_SESSION, VIOLATION_SOURCE, VIOLATIONS_BYTES, ViolationEvent, allow_prefix_len, parse,
+    parse::Udp, peer_pin_prefix_len, session_indices,
 };
 
 // Every map is pinned by name, so a restarted or upgraded agent reuses it (and its contents).
@@ -40,6 +42,19 @@ static RATE_LIMIT: LruHashMap<SourceKey, RateState> = LruHashMap::pinned(MAX_RAT
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "WGPIN_EVENT_BUDGET")]
 static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+#[map(name = "WGPIN_SESSIONS")]
+static SESSIONS: LruHashMap<SessionKey, SessionEntry> = LruHashMap::pinned(MAX_SESSIONS, 0);
+#[map(name = "WGPIN_IDENTITY_KEYS")]
+static IDENTITY_KEYS: HashMap<IdentityKey, SessionEntry> =
+    HashMap::pinned(MAX_PEER_SLOTS, BPF_F_NO_PREALLOC);
+#[map(name = "WGPIN_PEER_PINS_V4")]
+static PEER_PINS_V4: LpmTrie<PeerPinV4, AllowEntry> = LpmTrie::pinned(MAX_PREFIXES, 0);
+#[map(name = "WGPIN_PEER_PINS_V6")]
+static PEER_PINS_V6: LpmTrie<PeerPinV6, AllowEntry> = LpmTrie::pinned(MAX_PREFIXES, 0);
+#[map(name = "WGPIN_IDENTITY_LAYOUT")]
+static IDENTITY_LAYOUT: Array<IdentityLayout> = Array::pinned(1, 0);
+#[map(name = "WGPIN_IDENTITY_COUNTERS")]
+static IDENTITY_COUNTERS: PerCpuArray<IdentityCounters> = PerCpuArray::pinned(1, 0);
 
 /// Bytes of headers the TC program makes linear before parsing (Ethernet, VLANs, IPv6 with
 /// extension headers, UDP ports).
@@ -102,6 +117,177 @@ pub fn wgpin_tc(ctx: TcContext) -> i32 {
     }
 }
 
+/// Egress on the underlay (identity mode): a handshake WireGuard sends from an identity port
+/// for a peer, to an address outside that peer's pin, is dropped and reported against the peer.
+/// That is how a stolen key used from another pinned peer's address gets no session: the
+/// initiation cannot be told apart on the wire (its sender is encrypted), but WireGuard's answer
+/// carries an index the session hook has tied to the peer.
+#[classifier]
+pub fn wgpin_tc_egress(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    let wanted = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
+    if linear < wanted {
+        let _ = ctx.pull_data(wanted);
+    }
+    let data = Data {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    match check_egress(&data, len) {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[inline(always)]
+fn check_egress(data: &Data, len: u32) -> Verdict {
+    let Parsed::Udp(udp) = parse(data) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(port) = (unsafe {
+        PORTS.get(&PortKey {
+            port_be: udp.src_port_be,
+        })
+    })
+    .copied() else {
+        return Verdict::Pass;
+    };
+    if !port.is_identity() {
+        return Verdict::Pass;
+    }
+    // Initiations and responses carry this side's (sender) index first.
+    let Some(sender) = session_indices(data, &udp).and_then(|m| m.sender) else {
+        return Verdict::Pass;
+    };
+    let Some(peer_slot) = session_owner(udp.src_port_be, sender) else {
+        return Verdict::Pass;
+    };
+    if in_peer_pin(peer_slot, udp.family, &udp.dst) {
+        return Verdict::Pass;
+    }
+    bump_identity(|c| &mut c.egress_dropped);
+    count(&PORT_COUNTERS, port.port_slot, len, Verdict::Drop);
+    count(&PEER_COUNTERS, peer_slot, len, Verdict::Drop);
+    report(
+        &Offender {
+            addr: udp.dst,
+            family: udp.family,
+            remote_port_be: udp.dst_port_be,
+            local_port_be: udp.src_port_be,
+            kind: VIOLATION_HANDSHAKE_OUT,
+        },
+        port.port_slot,
+        peer_slot,
+        len,
+    );
+    Verdict::Drop
+}
+
+/// The peer that owns session `index` on `port_be`, as the session hook recorded it.
+#[inline(always)]
+fn session_owner(port_be: [u8; 2], index: u32) -> Option<u32> {
+    let key = SessionKey {
+        port_be,
+        _pad: [0; 2],
+        index,
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { SESSIONS.get(&key) }.map(|entry| entry.peer_slot)
+}
+
+/// Whether `addr` lies in the pin of the peer in `peer_slot`.
+#[inline(always)]
+fn in_peer_pin(peer_slot: u32, family: u8, addr: &[u8; 16]) -> bool {
+    let slot_be = peer_slot.to_be_bytes();
+    if family == FAMILY_V4 {
+        let data = PeerPinV4 {
+            slot_be,
+            addr: [addr[0], addr[1], addr[2], addr[3]],
+        };
+        PEER_PINS_V4
+            .get(&Key::new(peer_pin_prefix_len(32), data))
+            .is_some()
+    } else {
+        let data = PeerPinV6 {
+            slot_be,
+            addr: *addr,
+        };
+        PEER_PINS_V6
+            .get(&Key::new(peer_pin_prefix_len(128), data))
+            .is_some()
+    }
+}
+
+#[inline(always)]
+fn bump_identity(field: fn(&mut IdentityCounters) -> &mut u64) {
+    if let Some(counters) = IDENTITY_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        *field(unsafe { &mut *counters }) += 1;
+    }
+}
+
+/// fexit on `wg_index_hashtable_insert(table, entry) -> __le32 index`: WireGuard just gave
+/// `entry` (a handshake it starts or answers, or a keypair) a session index. Records which
+/// managed peer owns it, found by the peer's public key on its device's port. Field offsets
+/// come from the module's BTF through [`IDENTITY_LAYOUT`]; every read is a checked probe read,
+/// so a layout that does not fit is counted, never a fault.
+#[fexit(function = "wg_index_hashtable_insert")]
+pub fn wgpin_session_hook(ctx: FExitContext) -> i32 {
+    if learn_session(&ctx).is_err() {
+        bump_identity(|c| &mut c.read_errors);
+    }
+    0
+}
+
+#[inline(always)]
+fn learn_session(ctx: &FExitContext) -> Result<(), i32> {
+    let Some(layout) = IDENTITY_LAYOUT.get(0).copied() else {
+        return Ok(());
+    };
+    if layout.valid == 0 {
+        return Ok(());
+    }
+    // Arguments then the return value, each one 8-byte slot.
+    let entry: u64 = ctx.arg(1);
+    let index: u64 = ctx.arg(2);
+    // SAFETY: checked kernel reads (bpf_probe_read_kernel): a bad address returns an error.
+    let peer: u64 =
+        unsafe { bpf_probe_read_kernel((entry + u64::from(layout.entry_peer)) as *const u64)? };
+    // SAFETY: as above.
+    let device: u64 =
+        unsafe { bpf_probe_read_kernel((peer + u64::from(layout.peer_device)) as *const u64)? };
+    // SAFETY: as above.
+    let port: u16 =
+        unsafe { bpf_probe_read_kernel((device + u64::from(layout.device_port)) as *const u16)? };
+    let mut identity = IdentityKey {
+        port_be: port.to_be_bytes(),
+        _pad: [0; 2],
+        public_key: [0; 32],
+    };
+    // SAFETY: as above; the destination is a 32-byte buffer.
+    unsafe {
+        bpf_probe_read_kernel_buf(
+            (peer + u64::from(layout.peer_public_key)) as *const u8,
+            &mut identity.public_key,
+        )?
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(owner) = (unsafe { IDENTITY_KEYS.get(&identity) }).copied() else {
+        bump_identity(|c| &mut c.sessions_ignored);
+        return Ok(());
+    };
+    let key = SessionKey {
+        port_be: identity.port_be,
+        _pad: [0; 2],
+        index: index as u32,
+    };
+    SESSIONS.insert(&key, &owner, 0).map_err(|e| e as i32)?;
+    bump_identity(|c| &mut c.sessions_learned);
+    Ok(())
+}
+
 #[inline(always)]
 fn decide(data: &Data, len: u32) -> Verdict {
     match parse(data) {
@@ -113,12 +299,24 @@ fn decide(data: &Data, len: u32) -> Verdict {
             }
             Verdict::Drop
         }
-        Parsed::Udp(udp) => check_udp(&udp, len),
+        Parsed::Udp(udp) => check_udp(data, &udp, len),
     }
 }
 
+/// Identity mode, a message that names one of this side's sessions (response, cookie reply,
+/// data): the session's peer, if the hook recorded it. Initiations name none.
 #[inline(always)]
-fn check_udp(udp: &Udp, len: u32) -> Verdict {
+fn identity_owner(data: &Data, udp: &Udp) -> Option<u32> {
+    let receiver = session_indices(data, udp)?.receiver?;
+    let owner = session_owner(udp.dst_port_be, receiver);
+    if owner.is_none() {
+        bump_identity(|c| &mut c.unknown_sessions);
+    }
+    owner
+}
+
+#[inline(always)]
+fn check_udp(data: &Data, udp: &Udp, len: u32) -> Verdict {
     // SAFETY: the value is copied out at once.
     let Some(port) = (unsafe {
         PORTS.get(&PortKey {
@@ -128,6 +326,26 @@ fn check_udp(udp: &Udp, len: u32) -> Verdict {
     .copied() else {
         return Verdict::Pass;
     };
+    if port.is_identity()
+        && let Some(peer_slot) = identity_owner(data, udp)
+    {
+        // The session's own peer decides, not the port's union of pins.
+        if in_peer_pin(peer_slot, udp.family, &udp.src) {
+            count(&PORT_COUNTERS, port.port_slot, len, Verdict::Pass);
+            count(&PEER_COUNTERS, peer_slot, len, Verdict::Pass);
+            return Verdict::Pass;
+        }
+        bump_identity(|c| &mut c.ingress_dropped);
+        count(&PORT_COUNTERS, port.port_slot, len, Verdict::Drop);
+        count(&PEER_COUNTERS, peer_slot, len, Verdict::Drop);
+        report(
+            &Offender::source(udp, VIOLATION_SESSION),
+            port.port_slot,
+            peer_slot,
+            len,
+        );
+        return Verdict::Drop;
+    }
     let allowed = if udp.family == FAMILY_V4 {
         let data = AllowV4 {
             port_be: udp.dst_port_be,
@@ -169,7 +387,12 @@ fn check_udp(udp: &Udp, len: u32) -> Verdict {
             if port.peer_slot != NO_PEER {
                 count(&PEER_COUNTERS, port.peer_slot, len, Verdict::Drop);
             }
-            report(udp, &port, len);
+            report(
+                &Offender::source(udp, VIOLATION_SOURCE),
+                port.port_slot,
+                port.peer_slot,
+                len,
+            );
             Verdict::Drop
         }
     }
@@ -202,10 +425,33 @@ fn bump_global(field: fn(&mut GlobalCounters) -> &mut u64) {
     }
 }
 
-/// Sends a violation event, at most one per source per interval; the ones in between are
-/// counted and carried by the next event.
+/// Who broke a pin: the remote address and port, and the managed port.
+struct Offender {
+    addr: [u8; 16],
+    family: u8,
+    remote_port_be: [u8; 2],
+    local_port_be: [u8; 2],
+    kind: u8,
+}
+
+impl Offender {
+    /// The sender of an incoming packet.
+    #[inline(always)]
+    fn source(udp: &Udp, kind: u8) -> Self {
+        Self {
+            addr: udp.src,
+            family: udp.family,
+            remote_port_be: udp.src_port_be,
+            local_port_be: udp.dst_port_be,
+            kind,
+        }
+    }
+}
+
+/// Sends a violation event, at most one per source and peer per interval; the ones in between
+/// are counted and carried by the next event.
 #[inline(always)]
-fn report(udp: &Udp, port: &PortEntry, len: u32) {
+fn report(offender: &Offender, port_slot: u32, peer_slot: u32, len: u32) {
     let config = CONFIG.get(0).copied().unwrap_or_default();
     let budget = if config.events_per_cpu_per_second != 0 {
         config.events_per_cpu_per_second
@@ -245,9 +491,10 @@ fn report(udp: &Udp, port: &PortEntry, len: u32) {
         DEFAULT_EVENT_INTERVAL_NS
     };
     let source = SourceKey {
-        addr: udp.src,
-        family: udp.family,
+        addr: offender.addr,
+        family: offender.family,
         _pad: [0; 3],
+        peer_slot,
     };
     let mut suppressed = 0;
     match RATE_LIMIT.get_ptr_mut(&source) {
@@ -278,14 +525,14 @@ fn report(udp: &Udp, port: &PortEntry, len: u32) {
     entry.write(ViolationEvent {
         time_ns: now,
         suppressed,
-        src_addr: udp.src,
-        family: udp.family,
-        _pad: 0,
-        src_port_be: udp.src_port_be,
-        dst_port_be: udp.dst_port_be,
+        src_addr: offender.addr,
+        family: offender.family,
+        kind: offender.kind,
+        src_port_be: offender.remote_port_be,
+        dst_port_be: offender.local_port_be,
         _pad2: [0; 2],
-        port_slot: port.port_slot,
-        peer_slot: port.peer_slot,
+        port_slot,
+        peer_slot,
         packet_len: len,
         _pad3: [0; 4],
     });

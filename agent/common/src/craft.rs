@@ -30,6 +30,8 @@ pub struct Frame {
     /// IPv6 extension headers before the fragment header: (type, length field).
     ipv6_exts: Vec<(u8, u8)>,
     payload: usize,
+    /// The first bytes of the payload (the rest is filler).
+    payload_head: Vec<u8>,
 }
 
 impl Frame {
@@ -42,6 +44,7 @@ impl Frame {
             fragment: None,
             ipv6_exts: Vec::new(),
             payload: 32,
+            payload_head: Vec::new(),
         }
     }
 
@@ -102,6 +105,24 @@ impl Frame {
         self
     }
 
+    /// Makes the UDP payload a WireGuard message of type `message` (1–4) with its real length,
+    /// and the two index fields after the type: sender then receiver for a response, sender for
+    /// an initiation, receiver for a cookie reply or data (`second` unused there).
+    pub fn wireguard(mut self, message: u8, first: u32, second: u32) -> Self {
+        self.payload = match message {
+            1 => 148,
+            2 => 92,
+            3 => 64,
+            _ => 32 + 16,
+        };
+        self.payload_head = [message, 0, 0, 0]
+            .into_iter()
+            .chain(first.to_le_bytes())
+            .chain(second.to_le_bytes())
+            .collect();
+        self
+    }
+
     fn l4_bytes(&self) -> (u8, Vec<u8>) {
         let mut out = Vec::new();
         let proto = match self.l4 {
@@ -128,7 +149,12 @@ impl Frame {
                 }
             }
         };
-        out.resize(out.len() + self.payload, 0xab);
+        let start = out.len();
+        out.resize(start + self.payload, 0xab);
+        if matches!(self.l4, L4::Udp { .. }) {
+            let head = self.payload_head.len().min(self.payload);
+            out[start..start + head].copy_from_slice(&self.payload_head[..head]);
+        }
         (proto, out)
     }
 

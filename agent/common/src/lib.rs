@@ -13,7 +13,7 @@ pub mod parse;
 #[cfg(test)]
 mod parse_props;
 
-pub use parse::{Packet, Parsed, parse};
+pub use parse::{Packet, Parsed, SessionIndices, parse, session_indices};
 
 /// Map names, shared so that the loader finds what the programs declare.
 pub mod maps {
@@ -44,9 +44,25 @@ pub mod maps {
     /// checked before the per-source rate limit, so a flood from many sources costs a counter
     /// increment per packet, not a map insert.
     pub const EVENT_BUDGET: &str = "WGPIN_EVENT_BUDGET";
+    /// Identity mode: which peer owns each local session index, written by the hook on
+    /// `wg_index_hashtable_insert`: [`super::SessionKey`] → [`super::SessionEntry`] (LRU).
+    pub const SESSIONS: &str = "WGPIN_SESSIONS";
+    /// Identity mode: the peers whose sessions the hook records, by public key:
+    /// [`super::IdentityKey`] → [`super::SessionEntry`]. Written by the agent.
+    pub const IDENTITY_KEYS: &str = "WGPIN_IDENTITY_KEYS";
+    /// Identity mode: each peer's own pin, IPv4: LPM trie over [`super::PeerPinV4`] →
+    /// [`super::AllowEntry`].
+    pub const PEER_PINS_V4: &str = "WGPIN_PEER_PINS_V4";
+    /// Identity mode: each peer's own pin, IPv6; see [`PEER_PINS_V4`].
+    pub const PEER_PINS_V6: &str = "WGPIN_PEER_PINS_V6";
+    /// Identity mode: where the hook finds the fields it reads in the WireGuard module's
+    /// structs ([`super::IdentityLayout`]), learned from the module's BTF; one entry.
+    pub const IDENTITY_LAYOUT: &str = "WGPIN_IDENTITY_LAYOUT";
+    /// Identity mode: per-CPU counters ([`super::IdentityCounters`]), one entry.
+    pub const IDENTITY_COUNTERS: &str = "WGPIN_IDENTITY_COUNTERS";
 
     /// Every pinned map, for the loader's checks.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 18] = [
         PORTS,
         ALLOW_V4,
         ALLOW_V6,
@@ -59,6 +75,12 @@ pub mod maps {
         RATE_LIMIT,
         CONFIG,
         EVENT_BUDGET,
+        SESSIONS,
+        IDENTITY_KEYS,
+        PEER_PINS_V4,
+        PEER_PINS_V6,
+        IDENTITY_LAYOUT,
+        IDENTITY_COUNTERS,
     ];
 }
 
@@ -66,7 +88,16 @@ pub mod maps {
 pub mod programs {
     pub const XDP: &str = "wgpin_xdp";
     pub const TC: &str = "wgpin_tc";
+    /// TC egress (identity mode): handshakes WireGuard sends for a peer to an address outside
+    /// that peer's pin are dropped, so no session is established from there.
+    pub const TC_EGRESS: &str = "wgpin_tc_egress";
+    /// fexit on the WireGuard module's `wg_index_hashtable_insert` (identity mode).
+    pub const SESSION_HOOK: &str = "wgpin_session_hook";
 }
+
+/// The WireGuard module function the identity hook attaches to (fexit): every local session
+/// index, for a handshake this side starts or answers, is created there, with its peer.
+pub const SESSION_HOOK_FUNCTION: &str = "wg_index_hashtable_insert";
 
 /// Most managed ports (one per peer in dedicated mode).
 pub const MAX_PORTS: u32 = 16_384;
@@ -78,6 +109,10 @@ pub const MAX_PEER_SLOTS: u32 = 65_536;
 pub const MAX_PREFIXES: u32 = 262_144;
 /// Sources tracked by the event rate limit (least recently used ones are forgotten).
 pub const MAX_RATE_SOURCES: u32 = 65_536;
+/// Session indices the identity hook remembers (least recently used ones are forgotten; a
+/// forgotten index is checked against the port's union of pins, as in shared mode). A peer has
+/// at most a handful of live indices (a handshake and up to three keypairs).
+pub const MAX_SESSIONS: u32 = 65_536;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const VIOLATIONS_BYTES: u32 = 256 * 1024;
 /// Default interval between two events for the same source.
@@ -118,6 +153,45 @@ pub struct PortEntry {
     pub port_slot: u32,
     /// The one peer allowed on this port (dedicated mode), or [`NO_PEER`].
     pub peer_slot: u32,
+    /// [`PORT_IDENTITY`] or 0.
+    pub flags: u32,
+}
+
+/// [`PortEntry::flags`]: the port runs in identity mode; messages that carry a session index
+/// are checked against the pin of the peer that owns the session.
+pub const PORT_IDENTITY: u32 = 1;
+
+impl PortEntry {
+    /// A dedicated port: only `peer_slot`'s sources.
+    pub const fn dedicated(port_slot: u32, peer_slot: u32) -> Self {
+        Self {
+            port_slot,
+            peer_slot,
+            flags: 0,
+        }
+    }
+
+    /// A shared port: the union of its peers' sources.
+    pub const fn shared(port_slot: u32) -> Self {
+        Self {
+            port_slot,
+            peer_slot: NO_PEER,
+            flags: 0,
+        }
+    }
+
+    /// A shared port where sessions are checked per peer.
+    pub const fn identity(port_slot: u32) -> Self {
+        Self {
+            port_slot,
+            peer_slot: NO_PEER,
+            flags: PORT_IDENTITY,
+        }
+    }
+
+    pub const fn is_identity(&self) -> bool {
+        self.flags & PORT_IDENTITY != 0
+    }
 }
 
 /// Allowlist key data for IPv4: the managed port then the source address, both big-endian.
@@ -136,6 +210,103 @@ pub struct AllowV4 {
 pub struct AllowV6 {
     pub port_be: [u8; 2],
     pub addr: [u8; 16],
+}
+
+/// Key of [`maps::SESSIONS`]: a session index WireGuard chose, on the port of its device.
+/// `index` is the 4 bytes of the wire (and of the kernel's `__le32`) read as a native `u32`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub port_be: [u8; 2],
+    pub _pad: [u8; 2],
+    pub index: u32,
+}
+
+/// Value of [`maps::SESSIONS`] and [`maps::IDENTITY_KEYS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionEntry {
+    pub peer_slot: u32,
+}
+
+/// Key of [`maps::IDENTITY_KEYS`]: a peer's public key on the port of its device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey {
+    pub port_be: [u8; 2],
+    pub _pad: [u8; 2],
+    pub public_key: [u8; 32],
+}
+
+/// Per-peer pin key data for IPv4: the peer slot (big-endian, so the trie's prefix starts
+/// with it) then the address. The prefix length counts [`PEER_BITS`] plus the source prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerPinV4 {
+    pub slot_be: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Per-peer pin key data for IPv6; see [`PeerPinV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerPinV6 {
+    pub slot_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Prefix length of the slot part of a per-peer pin key.
+pub const PEER_BITS: u32 = 32;
+
+/// LPM prefix length of a source prefix of `len` bits in one peer's pin.
+pub const fn peer_pin_prefix_len(len: u8) -> u32 {
+    PEER_BITS + len as u32
+}
+
+/// Value of [`maps::IDENTITY_LAYOUT`]: byte offsets in the WireGuard module's structs, read
+/// from its BTF by the agent (`index_hashtable_entry.peer`, `wg_peer.device`,
+/// `wg_device.incoming_port`, `wg_peer.handshake.remote_static`). The hook does nothing while
+/// `valid` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityLayout {
+    pub entry_peer: u32,
+    pub peer_device: u32,
+    pub device_port: u32,
+    pub peer_public_key: u32,
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+/// What identity mode counts (per CPU in the map; the agent sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityCounters {
+    /// Session indices recorded for a managed peer.
+    pub sessions_learned: u64,
+    /// Session indices of devices or peers identity mode does not manage.
+    pub sessions_ignored: u64,
+    /// Hook runs that could not read a field (the layout does not fit this kernel).
+    pub read_errors: u64,
+    /// Packets on an identity port whose session index the hook never saw (judged by the
+    /// port's union of pins, as in shared mode).
+    pub unknown_sessions: u64,
+    /// Packets of a known session from a source outside its peer's pin (dropped on ingress).
+    pub ingress_dropped: u64,
+    /// Handshakes WireGuard sent for a peer to an address outside its pin (dropped on egress).
+    pub egress_dropped: u64,
+}
+
+impl IdentityCounters {
+    /// Adds another CPU's counts.
+    pub fn add(&mut self, other: &Self) {
+        self.sessions_learned = self.sessions_learned.wrapping_add(other.sessions_learned);
+        self.sessions_ignored = self.sessions_ignored.wrapping_add(other.sessions_ignored);
+        self.read_errors = self.read_errors.wrapping_add(other.read_errors);
+        self.unknown_sessions = self.unknown_sessions.wrapping_add(other.unknown_sessions);
+        self.ingress_dropped = self.ingress_dropped.wrapping_add(other.ingress_dropped);
+        self.egress_dropped = self.egress_dropped.wrapping_add(other.egress_dropped);
+    }
 }
 
 /// LPM prefix length of a source prefix of `len` bits on a port.
@@ -204,13 +375,15 @@ impl GlobalCounters {
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-/// Key of [`maps::RATE_LIMIT`]: a source address (IPv4 in the first 4 bytes).
+/// Key of [`maps::RATE_LIMIT`]: a source address (IPv4 in the first 4 bytes) and the peer a
+/// violation is attributed to, so one source breaking two peers' pins is reported for each.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SourceKey {
     pub addr: [u8; 16],
     pub family: u8,
     pub _pad: [u8; 3],
+    pub peer_slot: u32,
 }
 
 /// Value of [`maps::RATE_LIMIT`].
@@ -223,6 +396,16 @@ pub struct RateState {
     pub suppressed: u64,
 }
 
+/// [`ViolationEvent::kind`]: a packet for a managed port from a source outside its pin.
+pub const VIOLATION_SOURCE: u8 = 0;
+/// [`ViolationEvent::kind`] (identity mode): a packet of a peer's session from a source
+/// outside that peer's pin.
+pub const VIOLATION_SESSION: u8 = 1;
+/// [`ViolationEvent::kind`] (identity mode): a handshake WireGuard sent for a peer to an
+/// address outside that peer's pin (someone used the peer's key from there). The event's
+/// source is that address and its ports are the remote's and the managed one.
+pub const VIOLATION_HANDSHAKE_OUT: u8 = 2;
+
 /// A packet for a managed port from a source outside its pin.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,12 +416,15 @@ pub struct ViolationEvent {
     pub suppressed: u64,
     pub src_addr: [u8; 16],
     pub family: u8,
-    pub _pad: u8,
+    /// What was violated: [`VIOLATION_SOURCE`], [`VIOLATION_SESSION`] or
+    /// [`VIOLATION_HANDSHAKE_OUT`].
+    pub kind: u8,
     pub src_port_be: [u8; 2],
     pub dst_port_be: [u8; 2],
     pub _pad2: [u8; 2],
     pub port_slot: u32,
-    /// The port's own peer in dedicated mode, else [`NO_PEER`].
+    /// The peer the violation is attributed to: the port's own peer in dedicated mode, the
+    /// session's peer in identity mode, else [`NO_PEER`].
     pub peer_slot: u32,
     /// Length of the dropped packet.
     pub packet_len: u32,
@@ -271,7 +457,7 @@ impl ViolationEvent {
             suppressed: u64_at(8),
             src_addr,
             family: bytes[32],
-            _pad: 0,
+            kind: bytes[33],
             src_port_be: [bytes[34], bytes[35]],
             dst_port_be: [bytes[36], bytes[37]],
             _pad2: [0; 2],
@@ -319,7 +505,7 @@ mod tests {
             suppressed: 9,
             src_addr: [7; 16],
             family: FAMILY_V6,
-            _pad: 0,
+            kind: VIOLATION_SESSION,
             src_port_be: 51821u16.to_be_bytes(),
             dst_port_be: 51820u16.to_be_bytes(),
             _pad2: [0; 2],
@@ -355,5 +541,12 @@ mod pod {
         unsafe impl aya::Pod for ViolationEvent {}
         unsafe impl aya::Pod for Config {}
         unsafe impl aya::Pod for EventBudget {}
+        unsafe impl aya::Pod for SessionKey {}
+        unsafe impl aya::Pod for SessionEntry {}
+        unsafe impl aya::Pod for IdentityKey {}
+        unsafe impl aya::Pod for PeerPinV4 {}
+        unsafe impl aya::Pod for PeerPinV6 {}
+        unsafe impl aya::Pod for IdentityLayout {}
+        unsafe impl aya::Pod for IdentityCounters {}
     }
 }

@@ -34,8 +34,12 @@ pub struct Udp {
     pub family: u8,
     /// Source address; IPv4 uses the first 4 bytes.
     pub src: [u8; 16],
+    /// Destination address; IPv4 uses the first 4 bytes.
+    pub dst: [u8; 16],
     pub src_port_be: [u8; 2],
     pub dst_port_be: [u8; 2],
+    /// Offset of the UDP payload in the frame (it may lie past the end of a short packet).
+    pub payload: usize,
 }
 
 impl Udp {
@@ -62,6 +66,7 @@ pub enum Parsed {
 }
 
 const ETH_HLEN: usize = 14;
+const UDP_HLEN: usize = 8;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -119,12 +124,16 @@ fn parse_ipv4<P: Packet + ?Sized>(packet: &P, offset: usize) -> Parsed {
     }
     let mut src = [0u8; 16];
     src[..4].copy_from_slice(&header[12..16]);
+    let mut dst = [0u8; 16];
+    dst[..4].copy_from_slice(&header[16..20]);
     match packet.load::<4>(offset + header_len) {
         Some(ports) => Parsed::Udp(Udp {
             family: crate::FAMILY_V4,
             src,
+            dst,
             src_port_be: [ports[0], ports[1]],
             dst_port_be: [ports[2], ports[3]],
+            payload: offset + header_len + UDP_HLEN,
         }),
         // A first fragment without the whole UDP header hides its ports.
         None if more_fragments => Parsed::Unparseable,
@@ -142,6 +151,8 @@ fn parse_ipv6<P: Packet + ?Sized>(packet: &P, offset: usize) -> Parsed {
     }
     let mut src = [0u8; 16];
     src.copy_from_slice(&header[8..24]);
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&header[24..40]);
     let mut next = header[6];
     let mut offset = offset + 40;
     for _ in 0..=MAX_IPV6_EXT_HEADERS {
@@ -151,8 +162,10 @@ fn parse_ipv6<P: Packet + ?Sized>(packet: &P, offset: usize) -> Parsed {
                     Some(ports) => Parsed::Udp(Udp {
                         family: crate::FAMILY_V6,
                         src,
+                        dst,
                         src_port_be: [ports[0], ports[1]],
                         dst_port_be: [ports[2], ports[3]],
+                        payload: offset + UDP_HLEN,
                     }),
                     None => Parsed::Unparseable,
                 };
@@ -188,20 +201,173 @@ fn parse_ipv6<P: Packet + ?Sized>(packet: &P, offset: usize) -> Parsed {
     Parsed::Unparseable
 }
 
+/// WireGuard message types (the first byte; the next three are zero on the wire).
+pub const MESSAGE_INITIATION: u8 = 1;
+pub const MESSAGE_RESPONSE: u8 = 2;
+pub const MESSAGE_COOKIE_REPLY: u8 = 3;
+pub const MESSAGE_DATA: u8 = 4;
+
+/// The session indices in a WireGuard message's header: `sender` is the index the sending
+/// side chose (initiation, response), `receiver` the one the receiving side chose (response,
+/// cookie reply, data). Each is the 4 wire bytes read as a little-endian `u32`, the value the
+/// kernel's `__le32` holds on a little-endian machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionIndices {
+    pub message: u8,
+    pub sender: Option<u32>,
+    pub receiver: Option<u32>,
+}
+
+/// The header of the WireGuard message in `udp`'s payload, if it is one WireGuard would
+/// accept (type 1–4, reserved bytes zero). Lengths are WireGuard's to check.
+#[inline(always)]
+pub fn session_indices<P: Packet + ?Sized>(packet: &P, udp: &Udp) -> Option<SessionIndices> {
+    let header = packet.load::<12>(udp.payload)?;
+    if header[1] != 0 || header[2] != 0 || header[3] != 0 {
+        return None;
+    }
+    let at =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (sender, receiver) = match header[0] {
+        MESSAGE_INITIATION => (Some(at(4)), None),
+        MESSAGE_RESPONSE => (Some(at(4)), Some(at(8))),
+        MESSAGE_COOKIE_REPLY | MESSAGE_DATA => (None, Some(at(4))),
+        _ => return None,
+    };
+    Some(SessionIndices {
+        message: header[0],
+        sender,
+        receiver,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::craft::{Frame, Ip};
 
+    /// A UDP answer with the fields these tests check (source and ports); [`summary`] puts a
+    /// parse result in the same form. The property tests check every field.
     fn udp(family: u8, src: &[u8], src_port: u16, dst_port: u16) -> Parsed {
         let mut addr = [0u8; 16];
         addr[..src.len()].copy_from_slice(src);
         Parsed::Udp(Udp {
             family,
             src: addr,
+            dst: [0; 16],
             src_port_be: src_port.to_be_bytes(),
             dst_port_be: dst_port.to_be_bytes(),
+            payload: 0,
         })
+    }
+
+    fn summary(parsed: Parsed) -> Parsed {
+        match parsed {
+            Parsed::Udp(udp) => Parsed::Udp(Udp {
+                dst: [0; 16],
+                payload: 0,
+                ..udp
+            }),
+            other => other,
+        }
+    }
+
+    fn parse_summary(bytes: &[u8]) -> Parsed {
+        summary(parse(bytes))
+    }
+
+    #[test]
+    fn destination_and_payload_offset() {
+        let Parsed::Udp(udp) = parse(&Frame::udp(V4, 1, 51820).vlan(7).bytes()[..]) else {
+            panic!("UDP expected");
+        };
+        assert_eq!(udp.dst[..4], [192, 0, 2, 1]);
+        assert_eq!(udp.payload, 14 + 4 + 20 + 8);
+        let Ip::V6(_, dst) = V6 else { unreachable!() };
+        let frame = Frame::udp(V6, 1, 51820).ipv6_ext(IPV6_HOPOPTS, 1);
+        let Parsed::Udp(udp) = parse(&frame.bytes()[..]) else {
+            panic!("UDP expected");
+        };
+        assert_eq!(udp.dst, dst);
+        assert_eq!(udp.payload, 14 + 40 + 16 + 8);
+    }
+
+    fn indices(frame: Frame) -> Option<SessionIndices> {
+        let bytes = frame.bytes();
+        let Parsed::Udp(udp) = parse(&bytes[..]) else {
+            panic!("UDP expected");
+        };
+        session_indices(&bytes[..], &udp)
+    }
+
+    #[test]
+    fn session_indices_of_each_wireguard_message() {
+        let frame =
+            |message| Frame::udp(V4, 40000, 51820).wireguard(message, 0x0102_0304, 0xa0b0_c0d0);
+        assert_eq!(
+            indices(frame(MESSAGE_INITIATION)),
+            Some(SessionIndices {
+                message: 1,
+                sender: Some(0x0102_0304),
+                receiver: None
+            })
+        );
+        assert_eq!(
+            indices(frame(MESSAGE_RESPONSE)),
+            Some(SessionIndices {
+                message: 2,
+                sender: Some(0x0102_0304),
+                receiver: Some(0xa0b0_c0d0)
+            })
+        );
+        for message in [MESSAGE_COOKIE_REPLY, MESSAGE_DATA] {
+            assert_eq!(
+                indices(frame(message)),
+                Some(SessionIndices {
+                    message,
+                    sender: None,
+                    receiver: Some(0x0102_0304)
+                })
+            );
+        }
+        // On the wire the index is little-endian: 0x01020304 is 04 03 02 01.
+        let bytes = frame(MESSAGE_DATA).bytes();
+        assert_eq!(bytes[14 + 20 + 8..14 + 20 + 16], [4, 0, 0, 0, 4, 3, 2, 1]);
+        let Ip::V6(..) = V6 else { unreachable!() };
+        assert_eq!(
+            indices(
+                Frame::udp(V6, 1, 51820)
+                    .ipv6_ext(IPV6_DSTOPTS, 0)
+                    .wireguard(4, 9, 0)
+            ),
+            Some(SessionIndices {
+                message: 4,
+                sender: None,
+                receiver: Some(9)
+            })
+        );
+    }
+
+    #[test]
+    fn no_session_indices_outside_wireguard_messages() {
+        // Type 0 and 5, reserved bytes set, a payload too short for the header.
+        assert_eq!(indices(Frame::udp(V4, 1, 51820).wireguard(0, 1, 2)), None);
+        assert_eq!(indices(Frame::udp(V4, 1, 51820).wireguard(5, 1, 2)), None);
+        assert_eq!(
+            indices(Frame::udp(V4, 1, 51820).payload(40)),
+            None,
+            "filler bytes 0xab"
+        );
+        assert_eq!(
+            indices(Frame::udp(V4, 1, 51820).wireguard(4, 1, 2).payload(11)),
+            None
+        );
+        let mut bytes = Frame::udp(V4, 1, 51820).wireguard(4, 1, 2).bytes();
+        bytes[14 + 20 + 8 + 2] = 1;
+        let Parsed::Udp(udp) = parse(&bytes[..]) else {
+            panic!("UDP expected");
+        };
+        assert_eq!(session_indices(&bytes[..], &udp), None, "reserved byte set");
     }
 
     const V4: Ip = Ip::V4([203, 0, 113, 7], [192, 0, 2, 1]);
@@ -215,12 +381,12 @@ mod tests {
     #[test]
     fn plain_udp_in_both_families() {
         assert_eq!(
-            parse(&Frame::udp(V4, 40000, 51820).bytes()[..]),
+            parse_summary(&Frame::udp(V4, 40000, 51820).bytes()[..]),
             udp(4, &[203, 0, 113, 7], 40000, 51820)
         );
         let Ip::V6(src, _) = V6 else { unreachable!() };
         assert_eq!(
-            parse(&Frame::udp(V6, 40000, 51820).bytes()[..]),
+            parse_summary(&Frame::udp(V6, 40000, 51820).bytes()[..]),
             udp(6, &src, 40000, 51820)
         );
     }
@@ -229,7 +395,7 @@ mod tests {
     fn vlan_tags_and_ipv4_options_are_skipped() {
         let frame = Frame::udp(V4, 1, 51820).vlan(10).vlan(20).ipv4_options(12);
         assert_eq!(
-            parse(&frame.bytes()[..]),
+            parse_summary(&frame.bytes()[..]),
             udp(4, &[203, 0, 113, 7], 1, 51820)
         );
     }
@@ -258,7 +424,7 @@ mod tests {
     fn ipv4_fragments() {
         let first = Frame::udp(V4, 1, 51820).ipv4_fragment(0, true);
         assert_eq!(
-            parse(&first.bytes()[..]),
+            parse_summary(&first.bytes()[..]),
             udp(4, &[203, 0, 113, 7], 1, 51820)
         );
         let later = Frame::udp(V4, 1, 51820).ipv4_fragment(185, false);
@@ -275,9 +441,9 @@ mod tests {
             .ipv6_ext(IPV6_HOPOPTS, 1)
             .ipv6_ext(IPV6_DSTOPTS, 0)
             .ipv6_ext(IPV6_AH, 4);
-        assert_eq!(parse(&chained.bytes()[..]), udp(6, &src, 5, 51820));
+        assert_eq!(parse_summary(&chained.bytes()[..]), udp(6, &src, 5, 51820));
         let first = Frame::udp(V6, 5, 51820).ipv6_fragment(0, true);
-        assert_eq!(parse(&first.bytes()[..]), udp(6, &src, 5, 51820));
+        assert_eq!(parse_summary(&first.bytes()[..]), udp(6, &src, 5, 51820));
         let later = Frame::udp(V6, 5, 51820).ipv6_fragment(100, false);
         assert_eq!(parse(&later.bytes()[..]), Parsed::LaterFragment);
         let mut long = Frame::udp(V6, 5, 51820);
@@ -293,7 +459,10 @@ mod tests {
         for _ in 0..MAX_IPV6_EXT_HEADERS {
             longest_allowed = longest_allowed.ipv6_ext(IPV6_DSTOPTS, 0);
         }
-        assert_eq!(parse(&longest_allowed.bytes()[..]), udp(6, &src, 5, 51820));
+        assert_eq!(
+            parse_summary(&longest_allowed.bytes()[..]),
+            udp(6, &src, 5, 51820)
+        );
         let cut = Frame::udp(V6, 5, 51820).ipv6_ext(IPV6_HOPOPTS, 0).bytes();
         assert_eq!(
             parse(&cut[..14 + 40 + 8 + 2]),

@@ -23,7 +23,7 @@ use proptest::{
 use crate::{
     FAMILY_V4, FAMILY_V6,
     craft::{Frame, Ip},
-    parse::{MAX_IPV6_EXT_HEADERS, Packet, Parsed, Udp, parse},
+    parse::{MAX_IPV6_EXT_HEADERS, Packet, Parsed, SessionIndices, Udp, parse, session_indices},
 };
 
 /// `cases` unless `PROPTEST_CASES` says otherwise; a fixed seed unless `PROPTEST_RNG_SEED` does.
@@ -89,26 +89,41 @@ impl Spec {
             // A third tag is not looked into: the frame is not IP to the parser.
             return Parsed::NotUdp;
         }
-        let udp = |family, src: &[u8], ports: (u16, u16)| {
-            let mut addr = [0u8; 16];
-            addr[..src.len()].copy_from_slice(src);
+        // Where the UDP payload starts: Ethernet, the tags, the IP header as built, UDP.
+        let l2 = 14 + 4 * self.vlans.len();
+        let udp = |family, src: &[u8], dst: &[u8], ports: (u16, u16), ip_len: usize| {
+            let mut source = [0u8; 16];
+            source[..src.len()].copy_from_slice(src);
+            let mut destination = [0u8; 16];
+            destination[..dst.len()].copy_from_slice(dst);
             Parsed::Udp(Udp {
                 family,
-                src: addr,
+                src: source,
+                dst: destination,
                 src_port_be: ports.0.to_be_bytes(),
                 dst_port_be: ports.1.to_be_bytes(),
+                payload: l2 + ip_len + 8,
             })
         };
         match self.ip {
             None => Parsed::NotUdp,
-            Some(Ip::V4(src, _)) => match self.l4 {
+            Some(Ip::V4(src, dst)) => match self.l4 {
                 L4::Udp(..) if self.fragment.is_some_and(|(offset, _)| offset != 0) => {
                     Parsed::LaterFragment
                 }
-                L4::Udp(s, d) => udp(FAMILY_V4, &src, (s, d)),
+                L4::Udp(s, d) => udp(FAMILY_V4, &src, &dst, (s, d), 20 + self.ipv4_options),
                 _ => Parsed::NotUdp,
             },
-            Some(Ip::V6(src, _)) => {
+            Some(Ip::V6(src, dst)) => {
+                let ext_len: usize = self
+                    .ipv6_exts
+                    .iter()
+                    .map(|(kind, len)| match kind {
+                        51 => 4 * (usize::from(*len) + 2),
+                        _ => 8 * (usize::from(*len) + 1),
+                    })
+                    .sum::<usize>()
+                    + if self.fragment.is_some() { 8 } else { 0 };
                 // The chain as built: extension headers, the fragment header, the L4 header.
                 let mut headers: Vec<Option<(u16, bool)>> =
                     self.ipv6_exts.iter().map(|_| None).collect();
@@ -122,7 +137,7 @@ impl Spec {
                         Some(_) => continue,
                         None => {
                             return match self.l4 {
-                                L4::Udp(s, d) => udp(FAMILY_V6, &src, (s, d)),
+                                L4::Udp(s, d) => udp(FAMILY_V6, &src, &dst, (s, d), 40 + ext_len),
                                 _ => Parsed::NotUdp,
                             };
                         }
@@ -257,6 +272,8 @@ proptest! {
                     let ihl = usize::from(bytes[l3] & 0x0f) * 4;
                     prop_assert!(ihl >= 20);
                     prop_assert!(ports_at(&udp, l3 + ihl));
+                    prop_assert_eq!(&udp.dst[..4], &bytes[l3 + 16..l3 + 20]);
+                    prop_assert_eq!(udp.payload, l3 + ihl + 8);
                     prop_assert!(packet.farthest.get() <= MAX_READ_V4);
                 }
                 FAMILY_V6 => {
@@ -266,8 +283,19 @@ proptest! {
                     let at = packet.farthest.get() - 4;
                     prop_assert!(at >= l3 + 40);
                     prop_assert!(ports_at(&udp, at));
+                    prop_assert_eq!(&udp.dst[..], &bytes[l3 + 24..l3 + 40]);
+                    prop_assert_eq!(udp.payload, at + 8);
                 }
                 other => prop_assert!(false, "family {}", other),
+            }
+            // The WireGuard header, if any, is the payload's own bytes.
+            if let Some(found) = session_indices(&bytes[..], &udp) {
+                let head = &bytes[udp.payload..udp.payload + 12];
+                prop_assert_eq!(found.message, head[0]);
+                prop_assert_eq!(&head[1..4], &[0u8; 3][..]);
+                let at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+                prop_assert!(found.sender.is_none() || found.sender == Some(at(4)));
+                prop_assert!(found.receiver.is_none() || found.receiver == Some(at(4)) || found.receiver == Some(at(8)));
             }
         }
         // Bytes after the frame (Ethernet padding) never change a UDP or later-fragment answer.
@@ -275,6 +303,27 @@ proptest! {
             let mut padded = bytes.clone();
             padded.extend_from_slice(&[0x11; 64]);
             prop_assert_eq!(parse(&padded[..]), parsed);
+        }
+    }
+
+    /// A crafted WireGuard message yields exactly the indices built into it, wherever its UDP
+    /// header sits (tags, IPv4 options, IPv6 extension headers).
+    #[test]
+    fn crafted_wireguard_messages_yield_their_indices(
+        spec in arb_spec(),
+        message in 1u8..=4,
+        first in any::<u32>(),
+        second in any::<u32>(),
+    ) {
+        let frame = spec.frame().wireguard(message, first, second);
+        let bytes = frame.bytes();
+        if let Parsed::Udp(udp) = parse(&bytes[..]) {
+            let expected = match message {
+                1 => SessionIndices { message, sender: Some(first), receiver: None },
+                2 => SessionIndices { message, sender: Some(first), receiver: Some(second) },
+                _ => SessionIndices { message, sender: None, receiver: Some(first) },
+            };
+            prop_assert_eq!(session_indices(&bytes[..], &udp), Some(expected), "{:?}", spec);
         }
     }
 

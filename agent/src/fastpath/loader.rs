@@ -28,13 +28,14 @@ use aya::{
 };
 use ipnet::IpNet;
 use wgpin_common::{
-    AllowEntry, AllowV4, AllowV6, Config, Counters, GlobalCounters, PortEntry, PortKey,
-    ViolationEvent, allow_prefix_len, maps, programs,
+    AllowEntry, AllowV4, AllowV6, Config, Counters, GlobalCounters, IdentityCounters, IdentityKey,
+    IdentityLayout, PeerPinV4, PeerPinV6, PortEntry, PortKey, SessionEntry, SessionKey,
+    ViolationEvent, allow_prefix_len, maps, peer_pin_prefix_len, programs,
 };
 
 use super::{
     netlink,
-    state::{FastPathState, Op, PinKey, plan},
+    state::{FastPathState, Op, PeerIdentity, PeerPinKey, PinKey, plan},
 };
 
 /// Where wgpin pins its objects unless told otherwise.
@@ -92,13 +93,61 @@ impl Default for BpfPaths {
 pub enum Hook {
     Xdp,
     Tc,
+    /// TC egress (tcx), identity mode: handshakes sent to addresses outside the peer's pin.
+    Egress,
 }
+
+impl Hook {
+    /// The program behind the hook.
+    fn program(self) -> &'static str {
+        match self {
+            Self::Xdp => programs::XDP,
+            Self::Tc => programs::TC,
+            Self::Egress => programs::TC_EGRESS,
+        }
+    }
+
+    /// The maps the hook's program must use (the verification checks that the attached
+    /// program writes and reads this agent's maps, not copies).
+    fn maps(self) -> &'static [&'static str] {
+        match self {
+            // The packet path uses every map but the two only the session hook reads.
+            Self::Xdp | Self::Tc => &PACKET_PATH_MAPS,
+            Self::Egress => &[
+                maps::PORTS,
+                maps::SESSIONS,
+                maps::PEER_PINS_V4,
+                maps::PEER_PINS_V6,
+            ],
+        }
+    }
+}
+
+const PACKET_PATH_MAPS: [&str; 16] = [
+    maps::PORTS,
+    maps::ALLOW_V4,
+    maps::ALLOW_V6,
+    maps::HOSTS_V4,
+    maps::HOSTS_V6,
+    maps::PORT_COUNTERS,
+    maps::PEER_COUNTERS,
+    maps::GLOBAL_COUNTERS,
+    maps::VIOLATIONS,
+    maps::RATE_LIMIT,
+    maps::CONFIG,
+    maps::EVENT_BUDGET,
+    maps::SESSIONS,
+    maps::PEER_PINS_V4,
+    maps::PEER_PINS_V6,
+    maps::IDENTITY_COUNTERS,
+];
 
 impl fmt::Display for Hook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Xdp => "xdp",
             Self::Tc => "tc",
+            Self::Egress => "egress",
         })
     }
 }
@@ -209,6 +258,12 @@ struct Maps {
     global_counters: PerCpuArray<MapData, GlobalCounters>,
     config: Array<MapData, Config>,
     violations: RingBuf<MapData>,
+    sessions: HashMap<MapData, SessionKey, SessionEntry>,
+    identity_keys: HashMap<MapData, IdentityKey, SessionEntry>,
+    peer_pins_v4: LpmTrie<MapData, PeerPinV4, AllowEntry>,
+    peer_pins_v6: LpmTrie<MapData, PeerPinV6, AllowEntry>,
+    identity_layout: Array<MapData, IdentityLayout>,
+    identity_counters: PerCpuArray<MapData, IdentityCounters>,
     /// Kernel map IDs as loaded, by name: what the pins and the attached programs must match.
     ids: BTreeMap<&'static str, u32>,
 }
@@ -237,6 +292,17 @@ impl Maps {
             config: Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             violations: RingBuf::try_from(take(maps::VIOLATIONS)?)
                 .map_err(map_err(maps::VIOLATIONS))?,
+            sessions: HashMap::try_from(take(maps::SESSIONS)?).map_err(map_err(maps::SESSIONS))?,
+            identity_keys: HashMap::try_from(take(maps::IDENTITY_KEYS)?)
+                .map_err(map_err(maps::IDENTITY_KEYS))?,
+            peer_pins_v4: LpmTrie::try_from(take(maps::PEER_PINS_V4)?)
+                .map_err(map_err(maps::PEER_PINS_V4))?,
+            peer_pins_v6: LpmTrie::try_from(take(maps::PEER_PINS_V6)?)
+                .map_err(map_err(maps::PEER_PINS_V6))?,
+            identity_layout: Array::try_from(take(maps::IDENTITY_LAYOUT)?)
+                .map_err(map_err(maps::IDENTITY_LAYOUT))?,
+            identity_counters: PerCpuArray::try_from(take(maps::IDENTITY_COUNTERS)?)
+                .map_err(map_err(maps::IDENTITY_COUNTERS))?,
             ids,
         })
     }
@@ -253,6 +319,9 @@ pub struct FastPath {
 /// A violation event, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
+    /// What was violated: [`wgpin_common::VIOLATION_SOURCE`], `VIOLATION_SESSION` or
+    /// `VIOLATION_HANDSHAKE_OUT` (then `source` is where WireGuard tried to send the handshake).
+    pub kind: u8,
     pub source: IpAddr,
     pub source_port: u16,
     pub port: u16,
@@ -278,6 +347,7 @@ impl From<ViolationEvent> for Violation {
             IpAddr::from(event.src_addr)
         };
         Self {
+            kind: event.kind,
             source,
             source_port: u16::from_be_bytes(event.src_port_be),
             port: u16::from_be_bytes(event.dst_port_be),
@@ -348,7 +418,11 @@ impl FastPath {
         let tc: &mut SchedClassifier = program(&mut ebpf, programs::TC)?;
         tc.load()
             .map_err(prog_err("loading the TC program (verifier)"))?;
-        for name in [programs::XDP, programs::TC] {
+        let egress: &mut SchedClassifier = program(&mut ebpf, programs::TC_EGRESS)?;
+        egress
+            .load()
+            .map_err(prog_err("loading the TC egress program (verifier)"))?;
+        for name in [programs::XDP, programs::TC, programs::TC_EGRESS] {
             let path = paths.programs().join(name);
             // The previous agent's pin, if any; its program lives on while links use it.
             let _ = std::fs::remove_file(&path);
@@ -387,6 +461,7 @@ impl FastPath {
             let (hook, interface) = match name.split_once('-') {
                 Some(("xdp", interface)) => (Hook::Xdp, interface.to_string()),
                 Some(("tc", interface)) => (Hook::Tc, interface.to_string()),
+                Some(("egress", interface)) => (Hook::Egress, interface.to_string()),
                 _ => continue,
             };
             let pinned = PinnedLink::from_pin(&path)
@@ -423,10 +498,7 @@ impl FastPath {
         link: FdLink,
         force: bool,
     ) -> Result<FdLink, FastPathError> {
-        let name = match hook {
-            Hook::Xdp => programs::XDP,
-            Hook::Tc => programs::TC,
-        };
+        let name = hook.program();
         let ours = self
             .ebpf
             .program(name)
@@ -454,8 +526,8 @@ impl FastPath {
                 let new = xdp.take_link(id).map_err(prog_err(what.clone()))?;
                 FdLink::try_from(new).map_err(link_err(what))
             }
-            Hook::Tc => {
-                let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC)?;
+            Hook::Tc | Hook::Egress => {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, hook.program())?;
                 let old = SchedClassifierLink::try_from(link).map_err(link_err(what.clone()))?;
                 let id = tc.attach_to_link(old).map_err(prog_err(what.clone()))?;
                 let new = tc.take_link(id).map_err(prog_err(what.clone()))?;
@@ -467,6 +539,48 @@ impl FastPath {
     /// The interfaces the fast path is attached to.
     pub fn attachments(&self) -> Vec<(Hook, String)> {
         self.links.keys().cloned().collect()
+    }
+
+    /// Attaches the egress check (identity mode) to `interface`, or keeps an adopted link.
+    pub fn attach_egress(&mut self, interface: &str) -> Result<(), FastPathError> {
+        if self
+            .links
+            .contains_key(&(Hook::Egress, interface.to_string()))
+        {
+            return Ok(());
+        }
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_EGRESS)?;
+        let what = format!("attaching TC egress to {interface}");
+        let id = tc
+            .attach(interface, TcAttachType::Egress)
+            .map_err(prog_err(what.clone()))?;
+        let link = tc.take_link(id).map_err(prog_err(what.clone()))?;
+        let link = FdLink::try_from(link).map_err(|_| FastPathError::Attach {
+            interface: interface.to_string(),
+            message:
+                "TC attached without tcx (kernel older than 6.6?); wgpin needs tcx links to pin"
+                    .into(),
+        })?;
+        let path = self.paths.link(Hook::Egress, interface);
+        let _ = std::fs::remove_file(&path);
+        let pinned = link.pin(&path).map_err(|e| FastPathError::Attach {
+            interface: interface.to_string(),
+            message: format!("cannot pin the link at {}: {e}", path.display()),
+        })?;
+        self.links.insert(
+            (Hook::Egress, interface.to_string()),
+            HeldLink::new(FdLink::from(pinned), path),
+        );
+        tracing::info!(interface, "identity egress check attached");
+        Ok(())
+    }
+
+    /// Detaches the egress check from `interface` (no interface runs identity mode any more).
+    pub fn detach_egress(&mut self, interface: &str) {
+        if let Some(held) = self.links.remove(&(Hook::Egress, interface.to_string())) {
+            let _ = std::fs::remove_file(&held.path);
+            drop(held.link);
+        }
     }
 
     /// Attaches to `interface` (the current network namespace's), or keeps an adopted link.
@@ -579,7 +693,7 @@ impl FastPath {
 
     /// Detaches from `interface` and removes the pins.
     pub fn detach(&mut self, interface: &str) {
-        for hook in [Hook::Xdp, Hook::Tc] {
+        for hook in [Hook::Xdp, Hook::Tc, Hook::Egress] {
             if let Some(held) = self.links.remove(&(hook, interface.to_string())) {
                 let _ = std::fs::remove_file(&held.path);
                 drop(held.link);
@@ -645,11 +759,18 @@ impl FastPath {
         let program_id = info.program_id();
         let attached = match hook {
             Hook::Xdp => netlink::xdp_program_id(interface)? == Some(program_id),
-            Hook::Tc => SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
-                .map_err(|e| format!("cannot query tcx: {e}"))?
-                .1
-                .iter()
-                .any(|p| p.id() == program_id),
+            Hook::Tc | Hook::Egress => {
+                let direction = if hook == Hook::Tc {
+                    TcAttachType::Ingress
+                } else {
+                    TcAttachType::Egress
+                };
+                SchedClassifier::query_tcx(interface, direction)
+                    .map_err(|e| format!("cannot query tcx: {e}"))?
+                    .1
+                    .iter()
+                    .any(|p| p.id() == program_id)
+            }
         };
         if !attached {
             return Err(format!(
@@ -667,7 +788,7 @@ impl FastPath {
             .map_ids()
             .map_err(|e| format!("cannot read the program's maps: {e}"))?
             .unwrap_or_default();
-        for (name, id) in ours {
+        for (name, id) in ours.iter().filter(|(name, _)| hook.maps().contains(name)) {
             if !used.contains(id) {
                 return Err(format!(
                     "the attached program does not use map {name} (id {id}) that this agent writes"
@@ -687,7 +808,75 @@ impl FastPath {
         }
         read_pins(&self.maps.hosts_v4, &self.maps.allow_v4, &mut state.pins)?;
         read_pins(&self.maps.hosts_v6, &self.maps.allow_v6, &mut state.pins)?;
+        read_peer_pins(&self.maps.peer_pins_v4, &mut state.peer_pins)?;
+        read_peer_pins(&self.maps.peer_pins_v6, &mut state.peer_pins)?;
+        for entry in self.maps.identity_keys.iter() {
+            let (key, value) = entry.map_err(map_err("reading the identity keys"))?;
+            state.identities.insert(
+                PeerIdentity {
+                    port: u16::from_be_bytes(key.port_be),
+                    public_key: key.public_key,
+                },
+                value.peer_slot,
+            );
+        }
         Ok(state)
+    }
+
+    /// The session indices the identity hook recorded: (port, index) → peer slot.
+    pub fn sessions(&self) -> Result<BTreeMap<(u16, u32), u32>, FastPathError> {
+        let mut out = BTreeMap::new();
+        for entry in self.maps.sessions.iter() {
+            let (key, value) = entry.map_err(map_err("reading the sessions map"))?;
+            out.insert(
+                (u16::from_be_bytes(key.port_be), key.index),
+                value.peer_slot,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Records a session as the identity hook would: for tests of the packet path on hosts
+    /// where the hook cannot attach (no kernel WireGuard).
+    pub fn record_session(
+        &mut self,
+        port: u16,
+        index: u32,
+        peer_slot: u32,
+    ) -> Result<(), FastPathError> {
+        let key = SessionKey {
+            port_be: port.to_be_bytes(),
+            _pad: [0; 2],
+            index,
+        };
+        self.maps
+            .sessions
+            .insert(key, SessionEntry { peer_slot }, 0)
+            .map_err(map_err(format!(
+                "recording session {index:#x} on port {port}"
+            )))
+    }
+
+    /// Tells the session hook where to find the fields it reads (identity mode).
+    pub fn set_identity_layout(&mut self, layout: IdentityLayout) -> Result<(), FastPathError> {
+        self.maps
+            .identity_layout
+            .set(0, layout, 0)
+            .map_err(map_err("writing the identity layout"))
+    }
+
+    /// Identity mode's counters, summed over CPUs.
+    pub fn identity_counters(&self) -> Result<IdentityCounters, FastPathError> {
+        let values = self
+            .maps
+            .identity_counters
+            .get(&0, 0)
+            .map_err(map_err("reading the identity counters"))?;
+        let mut total = IdentityCounters::default();
+        for value in values.iter() {
+            total.add(value);
+        }
+        Ok(total)
     }
 
     /// Brings the maps to `desired` with the writes [`plan`] orders; returns how many it made.
@@ -716,7 +905,63 @@ impl FastPath {
                 .map_err(map_err(format!("managing port {port}"))),
             Op::DeletePort(port) => ignore_missing(self.maps.ports.remove(&PortKey::new(port)))
                 .map_err(map_err(format!("releasing port {port}"))),
+            Op::PutPeerPin(key) => self.peer_pin_write(key, true),
+            Op::DeletePeerPin(key) => self.peer_pin_write(key, false),
+            Op::PutIdentity(identity, peer_slot) => self
+                .maps
+                .identity_keys
+                .insert(identity_key(&identity), SessionEntry { peer_slot }, 0)
+                .map_err(map_err(format!(
+                    "recording the identity of peer slot {peer_slot} on port {}",
+                    identity.port
+                ))),
+            Op::DeleteIdentity(identity) => {
+                ignore_missing(self.maps.identity_keys.remove(&identity_key(&identity))).map_err(
+                    map_err(format!("removing an identity on port {}", identity.port)),
+                )
+            }
         }
+    }
+
+    fn peer_pin_write(&mut self, key: PeerPinKey, put: bool) -> Result<(), FastPathError> {
+        let what = format!("pin {} of peer slot {}", key.prefix, key.peer_slot);
+        let slot_be = key.peer_slot.to_be_bytes();
+        let len = peer_pin_prefix_len(key.prefix.prefix_len());
+        let entry = AllowEntry {
+            peer_slot: key.peer_slot,
+        };
+        let maps = &mut self.maps;
+        match key.prefix.network() {
+            IpAddr::V4(addr) => {
+                let key = Key::new(
+                    len,
+                    PeerPinV4 {
+                        slot_be,
+                        addr: addr.octets(),
+                    },
+                );
+                if put {
+                    maps.peer_pins_v4.insert(&key, entry, 0)
+                } else {
+                    ignore_missing(maps.peer_pins_v4.remove(&key))
+                }
+            }
+            IpAddr::V6(addr) => {
+                let key = Key::new(
+                    len,
+                    PeerPinV6 {
+                        slot_be,
+                        addr: addr.octets(),
+                    },
+                );
+                if put {
+                    maps.peer_pins_v6.insert(&key, entry, 0)
+                } else {
+                    ignore_missing(maps.peer_pins_v6.remove(&key))
+                }
+            }
+        }
+        .map_err(map_err(what))
     }
 
     fn pin_write(&mut self, key: PinKey, entry: Option<AllowEntry>) -> Result<(), FastPathError> {
@@ -868,8 +1113,8 @@ impl FastPath {
                 let xdp: &Xdp = program_ref(&self.ebpf, programs::XDP)?;
                 xdp.test_run(options)
             }
-            Hook::Tc => {
-                let tc: &SchedClassifier = program_ref(&self.ebpf, programs::TC)?;
+            Hook::Tc | Hook::Egress => {
+                let tc: &SchedClassifier = program_ref(&self.ebpf, hook.program())?;
                 tc.test_run(options)
             }
         }
@@ -964,6 +1209,56 @@ fn read_pins<K: AllowData>(
                 },
                 value,
             );
+        }
+    }
+    Ok(())
+}
+
+fn identity_key(identity: &PeerIdentity) -> IdentityKey {
+    IdentityKey {
+        port_be: identity.port.to_be_bytes(),
+        _pad: [0; 2],
+        public_key: identity.public_key,
+    }
+}
+
+/// A per-peer pin key: a peer slot and an address of one family.
+trait PeerPinData: aya::Pod {
+    fn peer_slot(&self) -> u32;
+    fn address(&self) -> IpAddr;
+}
+
+impl PeerPinData for PeerPinV4 {
+    fn peer_slot(&self) -> u32 {
+        u32::from_be_bytes(self.slot_be)
+    }
+    fn address(&self) -> IpAddr {
+        IpAddr::from(self.addr)
+    }
+}
+
+impl PeerPinData for PeerPinV6 {
+    fn peer_slot(&self) -> u32 {
+        u32::from_be_bytes(self.slot_be)
+    }
+    fn address(&self) -> IpAddr {
+        IpAddr::from(self.addr)
+    }
+}
+
+fn read_peer_pins<K: PeerPinData>(
+    trie: &LpmTrie<MapData, K, AllowEntry>,
+    pins: &mut std::collections::BTreeSet<PeerPinKey>,
+) -> Result<(), FastPathError> {
+    for entry in trie.iter() {
+        let (key, _) = entry.map_err(map_err("reading the per-peer pins"))?;
+        let data = key.data();
+        let len = key.prefix_len().saturating_sub(wgpin_common::PEER_BITS) as u8;
+        if let Ok(prefix) = IpNet::new(data.address(), len) {
+            pins.insert(PeerPinKey {
+                peer_slot: data.peer_slot(),
+                prefix,
+            });
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ use std::{
 
 use ipnet::IpNet;
 use wgpin_common::{AllowEntry, MAX_PEER_SLOTS, MAX_PORT_SLOTS, NO_PEER, PortEntry};
-use wgpin_crds::{RenderedInterface, ResolvedMode};
+use wgpin_crds::{RenderedInterface, ResolvedMode, WireGuardKey};
 
 /// A source prefix pinned on a managed port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,29 +22,62 @@ pub struct PinKey {
     pub prefix: IpNet,
 }
 
-/// The contents of the ports map and the two allowlists.
+/// Identity mode: a prefix in one peer's own pin (checked for that peer's sessions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerPinKey {
+    pub peer_slot: u32,
+    pub prefix: IpNet,
+}
+
+/// Identity mode: a peer, as the session hook finds it (its public key on its device's port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerIdentity {
+    pub port: u16,
+    pub public_key: [u8; 32],
+}
+
+/// The contents of the maps the agent writes: ports, the allowlists and, for identity mode,
+/// each peer's own pin and the peers the session hook records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FastPathState {
     pub ports: BTreeMap<u16, PortEntry>,
     pub pins: BTreeMap<PinKey, AllowEntry>,
+    pub peer_pins: BTreeSet<PeerPinKey>,
+    /// Peer identity → peer slot.
+    pub identities: BTreeMap<PeerIdentity, u32>,
 }
 
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     PutPin(PinKey, AllowEntry),
+    PutPeerPin(PeerPinKey),
+    PutIdentity(PeerIdentity, u32),
     PutPort(u16, PortEntry),
     DeletePort(u16),
+    DeleteIdentity(PeerIdentity),
+    DeletePeerPin(PeerPinKey),
     DeletePin(PinKey),
 }
 
-/// The writes that take `current` to `desired`, in a safe order: new and changed pins, then
-/// new and changed ports, then ports no longer managed, then pins no longer wanted.
+/// The writes that take `current` to `desired`, in a safe order. Adding: pins, then each
+/// peer's own pins, then identities (from then on the hook ties new sessions to the peer, and
+/// its pin is already there), then ports. Removing, the reverse: ports, identities, peer pins,
+/// pins. So no valid source is ever dropped and no port is ever checked against a pin that is
+/// not complete yet.
 pub fn plan(current: &FastPathState, desired: &FastPathState) -> Vec<Op> {
     let mut ops = Vec::new();
     for (key, entry) in &desired.pins {
         if current.pins.get(key) != Some(entry) {
             ops.push(Op::PutPin(*key, *entry));
+        }
+    }
+    for key in desired.peer_pins.difference(&current.peer_pins) {
+        ops.push(Op::PutPeerPin(*key));
+    }
+    for (identity, slot) in &desired.identities {
+        if current.identities.get(identity) != Some(slot) {
+            ops.push(Op::PutIdentity(*identity, *slot));
         }
     }
     for (port, entry) in &desired.ports {
@@ -56,6 +89,14 @@ pub fn plan(current: &FastPathState, desired: &FastPathState) -> Vec<Op> {
         if !desired.ports.contains_key(port) {
             ops.push(Op::DeletePort(*port));
         }
+    }
+    for identity in current.identities.keys() {
+        if !desired.identities.contains_key(identity) {
+            ops.push(Op::DeleteIdentity(*identity));
+        }
+    }
+    for key in current.peer_pins.difference(&desired.peer_pins) {
+        ops.push(Op::DeletePeerPin(*key));
     }
     for key in current.pins.keys() {
         if !desired.pins.contains_key(key) {
@@ -217,16 +258,13 @@ pub fn desired_state(
                             .pins
                             .insert(PinKey { port, prefix }, AllowEntry { peer_slot });
                     }
-                    state.ports.insert(
-                        port,
-                        PortEntry {
-                            port_slot,
-                            peer_slot,
-                        },
-                    );
+                    state
+                        .ports
+                        .insert(port, PortEntry::dedicated(port_slot, peer_slot));
                 }
             }
-            ResolvedMode::Shared | ResolvedMode::Identity => {
+            mode @ (ResolvedMode::Shared | ResolvedMode::Identity) => {
+                let identity = mode == ResolvedMode::Identity;
                 let port = rendered.listen_port;
                 if !claim(port, name, None, &mut problems) {
                     continue;
@@ -250,10 +288,32 @@ pub fn desired_state(
                             continue;
                         }
                     };
+                    let public_key = if identity {
+                        match peer.public_key.parse::<WireGuardKey>() {
+                            Ok(key) => Some(*key.as_bytes()),
+                            Err(e) => {
+                                problems.push(unenforceable(format!("public key {e}")));
+                                continue;
+                            }
+                        }
+                    } else {
+                        None
+                    };
                     let Some(peer_slot) = slots.peer(&peer.name) else {
                         problems.push(unenforceable("no counter slot left on this node".into()));
                         continue;
                     };
+                    if let Some(public_key) = public_key {
+                        state
+                            .peer_pins
+                            .extend(prefixes.iter().map(|prefix| PeerPinKey {
+                                peer_slot,
+                                prefix: *prefix,
+                            }));
+                        state
+                            .identities
+                            .insert(PeerIdentity { port, public_key }, peer_slot);
+                    }
                     for prefix in prefixes {
                         pins.entry(PinKey { port, prefix })
                             // The same prefix pinned by two peers belongs to neither alone
@@ -267,13 +327,12 @@ pub fn desired_state(
                     }
                 }
                 state.pins.extend(pins);
-                state.ports.insert(
-                    port,
-                    PortEntry {
-                        port_slot,
-                        peer_slot: NO_PEER,
-                    },
-                );
+                let entry = if identity {
+                    PortEntry::identity(port_slot)
+                } else {
+                    PortEntry::shared(port_slot)
+                };
+                state.ports.insert(port, entry);
             }
         }
     }
@@ -359,20 +418,8 @@ mod tests {
         assert_eq!(
             state.ports,
             [
-                (
-                    51820,
-                    PortEntry {
-                        port_slot: 0,
-                        peer_slot: 0
-                    }
-                ),
-                (
-                    51821,
-                    PortEntry {
-                        port_slot: 1,
-                        peer_slot: 1
-                    }
-                )
+                (51820, PortEntry::dedicated(0, 0)),
+                (51821, PortEntry::dedicated(1, 1))
             ]
             .into()
         );
@@ -406,17 +453,7 @@ mod tests {
             &mut slots,
         );
         assert!(problems.is_empty());
-        assert_eq!(
-            state.ports,
-            [(
-                51820,
-                PortEntry {
-                    port_slot: 0,
-                    peer_slot: NO_PEER
-                }
-            )]
-            .into()
-        );
+        assert_eq!(state.ports, [(51820, PortEntry::shared(0))].into());
         assert_eq!(
             state.pins,
             [
@@ -549,51 +586,27 @@ mod tests {
     #[test]
     fn plan_adds_pins_before_ports_and_removes_ports_before_pins() {
         let mut current = FastPathState::default();
-        current.ports.insert(
-            1000,
-            PortEntry {
-                port_slot: 0,
-                peer_slot: NO_PEER,
-            },
-        );
+        current.ports.insert(1000, PortEntry::shared(0));
         current
             .pins
             .insert(pin(1000, "192.0.2.0/24"), AllowEntry { peer_slot: 0 });
         current
             .pins
             .insert(pin(1000, "203.0.113.0/24"), AllowEntry { peer_slot: 1 });
-        current.ports.insert(
-            2000,
-            PortEntry {
-                port_slot: 1,
-                peer_slot: 2,
-            },
-        );
+        current.ports.insert(2000, PortEntry::dedicated(1, 2));
         current
             .pins
             .insert(pin(2000, "198.51.100.0/24"), AllowEntry { peer_slot: 2 });
 
         let mut desired = FastPathState::default();
-        desired.ports.insert(
-            1000,
-            PortEntry {
-                port_slot: 0,
-                peer_slot: NO_PEER,
-            },
-        );
+        desired.ports.insert(1000, PortEntry::shared(0));
         desired
             .pins
             .insert(pin(1000, "192.0.2.0/25"), AllowEntry { peer_slot: 0 });
         desired
             .pins
             .insert(pin(1000, "203.0.113.0/24"), AllowEntry { peer_slot: 1 });
-        desired.ports.insert(
-            3000,
-            PortEntry {
-                port_slot: 2,
-                peer_slot: 3,
-            },
-        );
+        desired.ports.insert(3000, PortEntry::dedicated(2, 3));
         desired
             .pins
             .insert(pin(3000, "fd00::/8"), AllowEntry { peer_slot: 3 });
@@ -604,13 +617,7 @@ mod tests {
             [
                 Op::PutPin(pin(1000, "192.0.2.0/25"), AllowEntry { peer_slot: 0 }),
                 Op::PutPin(pin(3000, "fd00::/8"), AllowEntry { peer_slot: 3 }),
-                Op::PutPort(
-                    3000,
-                    PortEntry {
-                        port_slot: 2,
-                        peer_slot: 3
-                    }
-                ),
+                Op::PutPort(3000, PortEntry::dedicated(2, 3)),
                 Op::DeletePort(2000),
                 Op::DeletePin(pin(1000, "192.0.2.0/24")),
                 Op::DeletePin(pin(2000, "198.51.100.0/24")),
@@ -632,37 +639,19 @@ mod tests {
                     .any(|k| k.port == port && k.prefix.contains(&ip))
         };
         let mut current = FastPathState::default();
-        current.ports.insert(
-            1000,
-            PortEntry {
-                port_slot: 0,
-                peer_slot: 0,
-            },
-        );
+        current.ports.insert(1000, PortEntry::dedicated(0, 0));
         current
             .pins
             .insert(pin(1000, "192.0.2.0/24"), AllowEntry { peer_slot: 0 });
         let mut desired = FastPathState::default();
-        desired.ports.insert(
-            1000,
-            PortEntry {
-                port_slot: 0,
-                peer_slot: 0,
-            },
-        );
+        desired.ports.insert(1000, PortEntry::dedicated(0, 0));
         desired
             .pins
             .insert(pin(1000, "192.0.2.128/25"), AllowEntry { peer_slot: 0 });
         desired
             .pins
             .insert(pin(1000, "203.0.113.0/24"), AllowEntry { peer_slot: 0 });
-        desired.ports.insert(
-            2000,
-            PortEntry {
-                port_slot: 1,
-                peer_slot: 1,
-            },
-        );
+        desired.ports.insert(2000, PortEntry::dedicated(1, 1));
         desired
             .pins
             .insert(pin(2000, "198.51.100.0/24"), AllowEntry { peer_slot: 1 });
