@@ -47,7 +47,7 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use wgpin_agent::fastpath::{BpfPaths, FastPath, FastPathState, Hook, HookChoice, PinKey};
 use wgpin_common::{
-    AllowEntry, NO_PEER, PortEntry,
+    AllowEntry, PortEntry,
     craft::{Frame, Ip},
 };
 
@@ -233,9 +233,9 @@ impl Kind {
     fn expected(self, hook: Hook) -> u32 {
         match (self, hook) {
             (Self::Dropped, Hook::Xdp) => XDP_DROP,
-            (Self::Dropped, Hook::Tc) => TC_SHOT,
+            (Self::Dropped, Hook::Tc | Hook::Egress) => TC_SHOT,
             (_, Hook::Xdp) => XDP_PASS,
-            (_, Hook::Tc) => TC_NEXT,
+            (_, Hook::Tc | Hook::Egress) => TC_NEXT,
         }
     }
 }

@@ -221,14 +221,27 @@ pub fn node_status(input: StatusInput<'_>) -> PinnedNodeStateStatus {
             now.clone(),
         ),
     );
-    let degraded = !input.fast_path_verified || input.failure.is_some() || failed > 0;
+    let fallbacks: Vec<String> = status
+        .interfaces
+        .iter()
+        .filter_map(|i| Some(format!("{}: {}", i.name, i.mode_fallback.as_ref()?)))
+        .collect();
+    let (degraded, degraded_reason, degraded_message) =
+        if !input.fast_path_verified || input.failure.is_some() || failed > 0 {
+            (true, reason, String::new())
+        } else if !fallbacks.is_empty() {
+            // Enforced, but weaker than asked: say so without holding Ready back.
+            (true, "ModeFallback", fallbacks.join("; "))
+        } else {
+            (false, "AsExpected", String::new())
+        };
     set_condition(
         &mut conditions,
         condition(
             DEGRADED,
             if degraded { "True" } else { "False" },
-            if degraded { reason } else { "AsExpected" },
-            "",
+            degraded_reason,
+            degraded_message,
             generation,
             now,
         ),
@@ -613,7 +626,7 @@ async fn enforce(
 
 #[cfg(test)]
 mod tests {
-    use wgpin_crds::{PeerEnforcementStatus, ViolationSummary};
+    use wgpin_crds::{PeerEnforcementStatus, ResolvedMode, ViolationSummary};
 
     use super::*;
 
@@ -640,6 +653,7 @@ mod tests {
         vec![InterfaceStatus {
             name: "gateway".into(),
             mode: None,
+            mode_fallback: None,
             backend: None,
             fast_path: None,
             public_key: None,
@@ -754,6 +768,33 @@ mod tests {
             );
             assert_eq!(status.observed_generation, *applied);
         }
+    }
+
+    #[test]
+    fn an_identity_fallback_is_degraded_but_ready() {
+        let mut interfaces = interfaces(vec![peer("p0", EnforcementState::Enforced)]);
+        interfaces[0].mode = Some(ResolvedMode::Shared);
+        interfaces[0].mode_fallback = Some("Identity cannot run on this node (no BTF)".into());
+        let status = node_status(StatusInput {
+            interfaces,
+            applied_generation: Some(1),
+            desired_generation: Some(1),
+            fast_path_verified: true,
+            failure: None,
+            previous: None,
+            now: at(0),
+        });
+        assert_eq!(condition_of(&status, READY), ("True", "Enforced"));
+        assert_eq!(condition_of(&status, DEGRADED), ("True", "ModeFallback"));
+        let degraded = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DEGRADED)
+            .expect("Degraded");
+        assert!(
+            degraded.message.contains("gateway: Identity cannot run"),
+            "{degraded:?}"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use wgpin_crds::{
 };
 
 use crate::{
-    dataplane::{DataPlane, DataPlaneConfig, Eviction, NodeCapabilities, Writes},
+    dataplane::{DataPlane, DataPlaneConfig, Eviction, Writes},
     fastpath::Violation,
     metrics::{Metrics, ModeLabels, PeerLabels},
 };
@@ -89,7 +89,6 @@ pub struct Enforcer {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     settings: EnforcerSettings,
-    capabilities: NodeCapabilities,
     tally: ViolationTally,
     /// The desired state changed (or the fast path recovered) since the last good reconcile.
     dirty: bool,
@@ -117,7 +116,6 @@ impl Enforcer {
             metrics,
             ready,
             settings,
-            capabilities: NodeCapabilities::default(),
             tally: ViolationTally::default(),
             dirty: true,
             log_budget: (Instant::now(), 0, 0),
@@ -168,10 +166,17 @@ impl Enforcer {
                 .inc();
             self.tally
                 .record(&eviction.peer, eviction.endpoint.to_string(), 1, now);
-            tracing::warn!(
-                interface = %eviction.interface, peer = %eviction.peer, endpoint = %eviction.endpoint,
-                "source violation: the peer's endpoint left its pin; session evicted"
-            );
+            if eviction.session_kept {
+                tracing::warn!(
+                    interface = %eviction.interface, peer = %eviction.peer, endpoint = %eviction.endpoint,
+                    "source violation: a handshake with the peer's key came from outside its pin; no session was made (identity mode), endpoint put back"
+                );
+            } else {
+                tracing::warn!(
+                    interface = %eviction.interface, peer = %eviction.peer, endpoint = %eviction.endpoint,
+                    "source violation: the peer's endpoint left its pin; session evicted"
+                );
+            }
         }
         self.report_violations(now);
         tick.withdrawn = guard.withdrawn;
@@ -182,7 +187,8 @@ impl Enforcer {
         if (self.dirty || resync) && Instant::now() >= self.retry_at {
             let started = Instant::now();
             self.last_apply = started;
-            match self.dataplane.reconcile(spec, &self.capabilities).await {
+            let capabilities = self.dataplane.probe_capabilities().await;
+            match self.dataplane.reconcile(spec, &capabilities).await {
                 Ok(writes) => {
                     self.dirty = false;
                     self.backoff = Duration::ZERO;
@@ -319,10 +325,19 @@ impl Enforcer {
             }
             if budget.1 < per_second {
                 budget.1 += 1;
+                let what = match event.kind {
+                    wgpin_common::VIOLATION_SESSION => {
+                        "source violation: a packet of the peer's session from outside its pin, dropped (identity mode)"
+                    }
+                    wgpin_common::VIOLATION_HANDSHAKE_OUT => {
+                        "source violation: a handshake with the peer's key from outside its pin; WireGuard's answer dropped, no session (identity mode)"
+                    }
+                    _ => "source violation: packet for a pinned port from outside the pin, dropped",
+                };
                 tracing::warn!(
                     %interface, peer = %peer, source = %event.source, source_port = event.source_port, port = event.port,
                     folded = event.suppressed,
-                    "source violation: packet for a pinned port from outside the pin, dropped"
+                    "{what}"
                 );
             } else {
                 budget.2 += 1;
@@ -340,6 +355,13 @@ impl Enforcer {
         if let Ok(global) = self.dataplane.fast_path().global_counters() {
             self.metrics
                 .observe_events(global.events_rate_limited, global.events_lost);
+        }
+        let fast_path = self.dataplane.fast_path();
+        self.metrics
+            .identity_available
+            .set(i64::from(fast_path.identity_enabled()));
+        if let Ok(identity) = fast_path.identity_counters() {
+            self.metrics.observe_identity(&identity);
         }
         for interface in &self.interfaces {
             if let Some(mode) = interface.mode {

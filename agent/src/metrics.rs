@@ -14,7 +14,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use wgpin_common::Counters;
+use wgpin_common::{Counters, IdentityCounters};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InterfaceLabels {
@@ -59,10 +59,49 @@ pub struct Metrics {
     pub status_writes: Counter,
     pub event_writes: Counter,
     pub api_errors: Counter,
+    /// 1 when identity mode's hook is attached on this node.
+    pub identity_available: Gauge,
+    /// Identity mode's kernel counters, in the order of [`IDENTITY_COUNTERS`].
+    identity: Vec<Counter>,
     /// Last kernel readings, to turn absolute counters into increments.
     seen: Mutex<BTreeMap<(VerdictLabels, bool), u64>>,
     seen_global: Mutex<(u64, u64)>,
+    seen_identity: Mutex<IdentityCounters>,
 }
+
+/// Identity mode's counters: name, help, and the field of the kernel's reading.
+const IDENTITY_COUNTERS: [(&str, &str, fn(&IdentityCounters) -> u64); 6] = [
+    (
+        "identity_sessions_learned",
+        "Session indices the identity hook tied to a managed peer",
+        |c| c.sessions_learned,
+    ),
+    (
+        "identity_sessions_ignored",
+        "Session indices of devices or peers identity mode does not manage",
+        |c| c.sessions_ignored,
+    ),
+    (
+        "identity_read_errors",
+        "Identity hook runs that could not read WireGuard's structs (the layout does not fit)",
+        |c| c.read_errors,
+    ),
+    (
+        "identity_unknown_sessions",
+        "Packets on identity ports with a session index the hook never saw (judged by the port's pins)",
+        |c| c.unknown_sessions,
+    ),
+    (
+        "identity_ingress_dropped",
+        "Packets of a peer's session from outside that peer's pin, dropped",
+        |c| c.ingress_dropped,
+    ),
+    (
+        "identity_egress_dropped",
+        "Handshakes WireGuard sent for a peer to an address outside its pin, dropped",
+        |c| c.egress_dropped,
+    ),
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -88,6 +127,20 @@ impl Metrics {
         let status_writes = Counter::default();
         let event_writes = Counter::default();
         let api_errors = Counter::default();
+        let identity_available = Gauge::default();
+        registry.register(
+            "identity_available",
+            "1 when identity mode's hook on the WireGuard module is attached on this node",
+            identity_available.clone(),
+        );
+        let identity: Vec<Counter> = IDENTITY_COUNTERS
+            .iter()
+            .map(|(name, help, _)| {
+                let counter = Counter::default();
+                registry.register(*name, *help, counter.clone());
+                counter
+            })
+            .collect();
         registry.register(
             "status_writes",
             "PinnedNodeState status writes (coalesced: not one per poll)",
@@ -180,9 +233,25 @@ impl Metrics {
             status_writes,
             event_writes,
             api_errors,
+            identity_available,
+            identity,
             seen: Mutex::new(BTreeMap::new()),
             seen_global: Mutex::new((0, 0)),
+            seen_identity: Mutex::new(IdentityCounters::default()),
         }
+    }
+
+    /// Records a reading of identity mode's kernel counters.
+    pub fn observe_identity(&self, reading: &IdentityCounters) {
+        let Ok(mut seen) = self.seen_identity.lock() else {
+            return;
+        };
+        for ((_, _, field), counter) in IDENTITY_COUNTERS.iter().zip(&self.identity) {
+            let (now, last) = (field(reading), field(&seen));
+            // A smaller reading means the map was recreated: count from zero again.
+            counter.inc_by(if now >= last { now - last } else { now });
+        }
+        *seen = *reading;
     }
 
     /// Records a kernel counter reading for one peer (or one interface, with `peer` empty).

@@ -119,6 +119,21 @@ fn connect_laptop(
     wireguard
 }
 
+/// The value of the agent's metric `name` (a series without labels).
+fn metric(vm: &mut Vm, name: &str) -> f64 {
+    let metrics = GuestAgent::metrics(vm);
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no metric {name}:\n{metrics}"))
+}
+
 fn handshake_completed(device: &str) -> bool {
     Uapi::default()
         .get(device)
@@ -479,5 +494,127 @@ fn shared_mode_with_kernel_wireguard_evicts_a_stolen_key_from_another_peers_addr
             .lines()
             .any(|l| l.starts_with(r#"wgpin_evictions_total{interface="gateway",peer="laptop"}"#)),
         "{metrics}"
+    );
+}
+
+/// Identity mode with kernel WireGuard, the scenario shared mode can only clean up after: the
+/// laptop and the phone share one port; the attacker, at the phone's (pinned) address, uses a
+/// copy of the laptop's key. The session hook on `wg_index_hashtable_insert` ties WireGuard's
+/// answer to the laptop, the egress check drops it (the attacker's address is outside the
+/// laptop's pin), so the attacker never completes a handshake and gets no data through; the
+/// laptop keeps its session; the violation is the laptop's, with the attacker's address.
+#[test]
+#[ignore = "kernel VM tier: boots a VM (about 25 s); scripts/test.sh runs it with --ignored"]
+fn identity_mode_refuses_a_stolen_key_from_another_peers_address_on_a_shared_port() {
+    let _one = one_vm_at_a_time();
+    let Some(Testbed { mut vm, net }) = Testbed::boot(
+        "identity_mode_refuses_a_stolen_key_from_another_peers_address_on_a_shared_port",
+    ) else {
+        return;
+    };
+    let vm = &mut vm;
+    let (laptop, phone) = (
+        SecretKey::generate().expect("key"),
+        SecretKey::generate().expect("key"),
+    );
+    let phone_peer = format!(
+        "---\napiVersion: wgpin.io/v1alpha1\nkind: PinnedPeer\nmetadata: {{name: phone}}\n\
+         spec: {{interface: gateway, publicKey: \"{}\", allowedIPs: [198.51.100.3/32], sources: [{ATTACKER_IP}/32]}}\n",
+        phone.public_key()
+    );
+    let device = "wgv0";
+    let (gateway_key, port) = start_agent(vm, device, &manifests("Identity", &laptop, &phone_peer));
+    let log = GuestAgent::log(vm);
+    assert!(
+        log.contains("identity mode: session hook attached") && !log.contains("running Shared"),
+        "the hook loads on this kernel:\n{log}"
+    );
+    let endpoint = format!("{VM_IP}:{port}");
+    let _laptop = connect_laptop(vm, &net, device, &laptop, &gateway_key, &endpoint);
+    let laptop_endpoint = laptop_endpoint();
+    assert!(gateway_pings_the_laptop(vm), "the tunnel works");
+    let sessions = metric(vm, "wgpin_identity_sessions_learned_total");
+    assert!(
+        sessions >= 1.0,
+        "the hook saw the laptop's session ({sessions})"
+    );
+
+    // A ping every 100 ms across the attack: the laptop's session must carry on.
+    vm.ok("ping -q -c 80 -i 0.1 -W 5 198.51.100.2 > /run/ping.txt 2>&1 &\necho $! > /run/ping.pid");
+    let attacker_device = format!("wva{}", net.id);
+    let _attacker = peer_device(
+        &net.attacker_ns,
+        &attacker_device,
+        &laptop,
+        &gateway_key,
+        &endpoint,
+        "198.51.100.2",
+    );
+    let attacked = Instant::now();
+    send_through_tunnel(&net.attacker_ns, 3);
+    let refused = vm.sh_timeout(
+        &format!(
+            "for i in $(seq 1 100); do\n\
+             grep 'answer dropped, no session' {} && exit 0\n\
+             sleep 0.1\n\
+             done\n\
+             exit 1",
+            GuestAgent::LOG
+        ),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        refused.status,
+        0,
+        "the stolen key's handshake is refused and reported:\n{}",
+        GuestAgent::log(vm)
+    );
+    assert!(
+        refused.text.contains("peer=laptop")
+            && refused.text.contains(&format!("source={ATTACKER_IP}")),
+        "the violation is the laptop's, from the attacker's address: {}",
+        refused.text
+    );
+    println!(
+        "attacker's first packet to the refusal in the log: {:?}",
+        attacked.elapsed()
+    );
+    // wireguard-go retries its handshake after 5 s: give it two tries.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        !handshake_completed(&attacker_device),
+        "the attacker never completed a handshake"
+    );
+    let ping = vm.ok(
+        "while kill -0 $(cat /run/ping.pid) 2>/dev/null; do sleep 0.2; done\ncat /run/ping.txt",
+    );
+    println!(
+        "the laptop's tunnel across the attack: {}",
+        ping.trim().replace('\n', " | ")
+    );
+    let received: u32 = ping
+        .split(',')
+        .find_map(|part| part.trim().strip_suffix(" packets received")?.parse().ok())
+        .expect("ping summary");
+    assert!(
+        received >= 70,
+        "the laptop keeps its session: {received} of 80 answered"
+    );
+    assert!(
+        endpoint_becomes(vm, device, &laptop_endpoint, Duration::from_secs(5)),
+        "the laptop's endpoint is its own: {}",
+        endpoints(vm, device)
+    );
+    let egress = metric(vm, "wgpin_identity_egress_dropped_total");
+    assert!(
+        egress >= 1.0,
+        "handshake answers dropped on egress: {egress}"
+    );
+    let violations = GuestAgent::metrics(vm);
+    assert!(
+        violations.lines().any(|l| l
+            .starts_with(r#"wgpin_violation_events_total{interface="gateway",peer="laptop"}"#)
+            && !l.ends_with(" 0")),
+        "{violations}"
     );
 }

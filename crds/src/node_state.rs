@@ -117,6 +117,10 @@ pub struct InterfaceStatus {
     /// The mode in use (`Auto` resolved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ResolvedMode>,
+    /// Set when the mode asked for cannot run on this node (`Identity` without kernel
+    /// WireGuard, module BTF or BPF trampolines): why, and what runs instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode_fallback: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<WireGuardBackend>,
     /// The fast-path hook in use, for example `xdp` or `tc`, with the underlay interfaces.

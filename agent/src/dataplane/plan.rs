@@ -22,33 +22,55 @@ use crate::{
 };
 
 /// What this node can do.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeCapabilities {
     /// The backend is kernel WireGuard (netlink); otherwise userspace (UAPI).
     pub kernel_wireguard: bool,
-    /// `Identity` mode works here (kernel WireGuard with module BTF and BPF trampolines).
-    pub identity: bool,
+    /// `Identity` mode works here (kernel WireGuard with module BTF and BPF trampolines, and
+    /// the module's structs as the session hook reads them), or why not.
+    pub identity: Result<(), String>,
 }
 
-/// The mode `interface` runs in on a node with `capabilities`, or why it cannot run.
-pub fn resolve_mode(
-    interface: &RenderedInterface,
-    capabilities: &NodeCapabilities,
-) -> Result<ResolvedMode, String> {
+impl Default for NodeCapabilities {
+    fn default() -> Self {
+        Self {
+            kernel_wireguard: false,
+            identity: Err("not probed".into()),
+        }
+    }
+}
+
+/// The mode an interface runs in, and why it is not the one asked for when it is not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    pub mode: ResolvedMode,
+    /// Set when `Identity` was asked for and cannot run here: why, and what runs instead.
+    pub fallback: Option<String>,
+}
+
+/// The mode `interface` runs in on a node with `capabilities`: `Auto` takes the strongest the
+/// node supports; `Identity` where it cannot run falls back to `Shared` (the same port and
+/// pins; per-peer detection and eviction instead of per-peer prevention) and says why.
+pub fn resolve_mode(interface: &RenderedInterface, capabilities: &NodeCapabilities) -> Resolution {
     let has_range = interface
         .listen_port_end
         .is_some_and(|end| end > interface.listen_port);
-    match interface.mode {
-        PinMode::Dedicated => Ok(ResolvedMode::Dedicated),
-        PinMode::Shared => Ok(ResolvedMode::Shared),
-        PinMode::Identity if capabilities.identity => Ok(ResolvedMode::Identity),
-        PinMode::Identity => Err(
-            "mode Identity needs kernel WireGuard with module BTF and BPF trampolines, which this node lacks; use Auto, Dedicated or Shared"
-                .into(),
-        ),
-        PinMode::Auto if capabilities.identity => Ok(ResolvedMode::Identity),
-        PinMode::Auto if has_range => Ok(ResolvedMode::Dedicated),
-        PinMode::Auto => Ok(ResolvedMode::Shared),
+    let exact = |mode| Resolution {
+        mode,
+        fallback: None,
+    };
+    match (interface.mode, &capabilities.identity) {
+        (PinMode::Dedicated, _) => exact(ResolvedMode::Dedicated),
+        (PinMode::Shared, _) => exact(ResolvedMode::Shared),
+        (PinMode::Identity | PinMode::Auto, Ok(())) => exact(ResolvedMode::Identity),
+        (PinMode::Identity, Err(why)) => Resolution {
+            mode: ResolvedMode::Shared,
+            fallback: Some(format!(
+                "Identity cannot run on this node ({why}); running Shared: the same port and pins, with a peer's session evicted when its endpoint leaves its pin instead of refused"
+            )),
+        },
+        (PinMode::Auto, Err(_)) if has_range => exact(ResolvedMode::Dedicated),
+        (PinMode::Auto, Err(_)) => exact(ResolvedMode::Shared),
     }
 }
 
@@ -80,6 +102,8 @@ pub struct DeviceSpec {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodePlan {
     pub modes: BTreeMap<String, ResolvedMode>,
+    /// Interfaces that asked for a mode this node cannot run, with why and what runs instead.
+    pub fallbacks: BTreeMap<String, String>,
     pub fast_path: FastPathState,
     pub devices: Vec<DeviceSpec>,
     /// Interfaces and peers that cannot be enforced here, with why. They are not live.
@@ -106,18 +130,15 @@ pub fn plan_node(
     let mut plan = NodePlan::default();
     let mut runnable = Vec::new();
     for interface in &spec.interfaces {
-        match resolve_mode(interface, capabilities) {
-            Ok(mode) => {
-                plan.modes.insert(interface.name.clone(), mode);
-                runnable.push(EnforcedInterface {
-                    rendered: interface,
-                    mode,
-                });
-            }
-            Err(reason) => plan
-                .problems
-                .push(Unenforceable::new(&interface.name, None, reason)),
+        let Resolution { mode, fallback } = resolve_mode(interface, capabilities);
+        plan.modes.insert(interface.name.clone(), mode);
+        if let Some(fallback) = fallback {
+            plan.fallbacks.insert(interface.name.clone(), fallback);
         }
+        runnable.push(EnforcedInterface {
+            rendered: interface,
+            mode,
+        });
     }
     let (fast_path, problems) = desired_state(&runnable, slots);
     plan.fast_path = fast_path;
@@ -284,49 +305,52 @@ mod tests {
 
     #[test]
     fn modes_resolve_to_the_strongest_the_node_supports() {
-        let userspace = NodeCapabilities::default();
+        let userspace = NodeCapabilities {
+            kernel_wireguard: false,
+            identity: Err("userspace WireGuard".into()),
+        };
         let kernel = NodeCapabilities {
             kernel_wireguard: true,
-            identity: true,
+            identity: Ok(()),
         };
         let cases = [
             (
                 PinMode::Auto,
                 Some(51829),
-                userspace,
-                Ok(ResolvedMode::Dedicated),
+                &userspace,
+                ResolvedMode::Dedicated,
             ),
-            (PinMode::Auto, None, userspace, Ok(ResolvedMode::Shared)),
-            (
-                PinMode::Auto,
-                Some(51820),
-                userspace,
-                Ok(ResolvedMode::Shared),
-            ),
-            (PinMode::Auto, None, kernel, Ok(ResolvedMode::Identity)),
-            (
-                PinMode::Shared,
-                Some(51829),
-                kernel,
-                Ok(ResolvedMode::Shared),
-            ),
+            (PinMode::Auto, None, &userspace, ResolvedMode::Shared),
+            (PinMode::Auto, Some(51820), &userspace, ResolvedMode::Shared),
+            (PinMode::Auto, None, &kernel, ResolvedMode::Identity),
+            (PinMode::Auto, Some(51829), &kernel, ResolvedMode::Identity),
+            (PinMode::Identity, None, &kernel, ResolvedMode::Identity),
+            (PinMode::Shared, Some(51829), &kernel, ResolvedMode::Shared),
             (
                 PinMode::Dedicated,
                 None,
-                userspace,
-                Ok(ResolvedMode::Dedicated),
+                &userspace,
+                ResolvedMode::Dedicated,
             ),
         ];
         for (mode, end, caps, expected) in cases {
             assert_eq!(
-                resolve_mode(&interface(mode, end, vec![]), &caps),
-                expected,
+                resolve_mode(&interface(mode, end, vec![]), caps),
+                Resolution {
+                    mode: expected,
+                    fallback: None
+                },
                 "{mode:?} {end:?} {caps:?}"
             );
         }
-        let error = resolve_mode(&interface(PinMode::Identity, None, vec![]), &userspace)
-            .expect_err("unsupported");
-        assert!(error.contains("use Auto, Dedicated or Shared"), "{error}");
+        // Identity where it cannot run: Shared, and why.
+        let fallback = resolve_mode(&interface(PinMode::Identity, None, vec![]), &userspace);
+        assert_eq!(fallback.mode, ResolvedMode::Shared);
+        let why = fallback.fallback.expect("a reason");
+        assert!(
+            why.contains("userspace WireGuard") && why.contains("running Shared"),
+            "{why}"
+        );
     }
 
     #[test]

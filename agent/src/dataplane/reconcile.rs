@@ -74,6 +74,9 @@ pub struct Eviction {
     pub device: String,
     pub peer: String,
     pub endpoint: SocketAddr,
+    /// Identity mode: only the endpoint was put back (to the peer's last one inside its pin);
+    /// its session stays, since no session can have been made from outside the pin.
+    pub session_kept: bool,
 }
 
 /// What [`DataPlane::guard`] found.
@@ -124,6 +127,11 @@ pub struct DataPlane {
     plan: NodePlan,
     /// Peers are out of WireGuard because the fast path could not be verified.
     withdrawn: bool,
+    /// Identity mode: each peer's last endpoint inside its pin, to put back when a handshake
+    /// from elsewhere moved it (WireGuard moves it before the egress check drops the answer).
+    last_good: BTreeMap<(String, WireGuardKey), SocketAddr>,
+    /// What the node can do, once probed ([`DataPlane::probe_capabilities`]).
+    capabilities: Option<NodeCapabilities>,
     /// What the last reconcile changed, in order.
     journal: Vec<Effect>,
 }
@@ -159,12 +167,55 @@ impl DataPlane {
             keys: BTreeMap::new(),
             plan: NodePlan::default(),
             withdrawn: false,
+            last_good: BTreeMap::new(),
+            capabilities: None,
             journal: Vec::new(),
         })
     }
 
     pub fn fast_path(&self) -> &FastPath {
         &self.fast_path
+    }
+
+    /// What this node can do: kernel or userspace WireGuard, and whether identity mode's hook
+    /// loads here (the first call loads it; later calls return the answer). With kernel
+    /// WireGuard the module may not be loaded yet: a throwaway device loads it, as the first
+    /// real device would.
+    pub async fn probe_capabilities(&mut self) -> NodeCapabilities {
+        if let Some(capabilities) = &self.capabilities {
+            return capabilities.clone();
+        }
+        let kernel_wireguard = matches!(*self.config.backend, Backend::Kernel(_));
+        let identity = if !kernel_wireguard {
+            Err("userspace WireGuard has no kernel functions to hook".to_string())
+        } else {
+            if !std::path::Path::new("/sys/module/wireguard").exists() {
+                self.load_wireguard_module().await;
+            }
+            self.fast_path.enable_identity()
+        };
+        match &identity {
+            Ok(()) => tracing::info!("identity mode available: per-peer pins on shared ports"),
+            Err(why) => tracing::info!(%why, "identity mode unavailable on this node"),
+        }
+        let capabilities = NodeCapabilities {
+            kernel_wireguard,
+            identity,
+        };
+        self.capabilities = Some(capabilities.clone());
+        capabilities
+    }
+
+    async fn load_wireguard_module(&self) {
+        const PROBE: &str = "wgpin-probe0";
+        match self.config.backend.create(&self.rtnl, PROBE).await {
+            Ok(()) => {
+                let _ = links::delete(&self.rtnl, PROBE).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not create a WireGuard device to load the module")
+            }
+        }
     }
 
     pub fn fast_path_mut(&mut self) -> &mut FastPath {
@@ -291,7 +342,15 @@ impl DataPlane {
             self.book.devices.remove(&device);
         }
 
-        // 2. The fast path, verified.
+        // 2. The fast path, verified: identity mode's egress check first, then the maps.
+        let identity = plan.modes.values().any(|m| *m == ResolvedMode::Identity);
+        for interface in &self.config.underlay {
+            if identity {
+                self.fast_path.attach_egress(interface)?;
+            } else {
+                self.fast_path.detach_egress(interface);
+            }
+        }
         let ops = self.fast_path.apply_ops(&plan.fast_path)?;
         writes.fast_path = ops.len();
         self.journal.extend(ops.into_iter().map(Effect::FastPath));
@@ -397,13 +456,40 @@ impl DataPlane {
                 .iter()
                 .map(|p| (p.config.public_key, p.pin.clone()))
                 .collect();
-            for (key, endpoint) in endpoints_outside_pins(&state, &pins) {
+            let outside = endpoints_outside_pins(&state, &pins);
+            let identity = device.mode == ResolvedMode::Identity;
+            if identity {
+                for (key, peer) in &state.peers {
+                    if let Some(endpoint) = peer.endpoint
+                        && !outside.iter().any(|(k, _)| k == key)
+                    {
+                        self.last_good
+                            .insert((device.device.clone(), *key), endpoint);
+                    }
+                }
+            }
+            for (key, endpoint) in outside {
                 let Some(peer) = device.peers.iter().find(|p| p.config.public_key == key) else {
                     continue;
                 };
-                // Remove and re-add: the session goes; the configured endpoint (inside the
-                // pin) comes back, so the rightful peer can reconnect.
-                let changes = [PeerChange::Remove(key), PeerChange::add(&peer.config)];
+                let last_good = identity
+                    .then(|| self.last_good.get(&(device.device.clone(), key)).copied())
+                    .flatten();
+                let changes = match last_good {
+                    // Identity mode: the egress check let no answer out, so there is no
+                    // session from there; only the endpoint moved. Put it back.
+                    Some(good) => vec![PeerChange::Upsert {
+                        public_key: key,
+                        update_only: true,
+                        preshared_key: None,
+                        endpoint: Some(good),
+                        persistent_keepalive: None,
+                        allowed_ips: None,
+                    }],
+                    // Remove and re-add: the session goes; the configured endpoint (inside the
+                    // pin) comes back, so the rightful peer can reconnect.
+                    None => vec![PeerChange::Remove(key), PeerChange::add(&peer.config)],
+                };
                 match self
                     .config
                     .backend
@@ -414,6 +500,7 @@ impl DataPlane {
                         device: device.device.clone(),
                         peer: peer.name.clone(),
                         endpoint,
+                        session_kept: last_good.is_some(),
                     }),
                     Err(e) => {
                         tracing::error!(device = %device.device, peer = %peer.name, error = %e, "eviction failed")
@@ -473,6 +560,7 @@ impl DataPlane {
                 InterfaceStatus {
                     name: name.clone(),
                     mode: Some(*mode),
+                    mode_fallback: self.plan.fallbacks.get(name).cloned(),
                     backend: Some(self.config.backend.kind()),
                     fast_path: Some(hook.clone()),
                     public_key: self.keys.get(name).map(|k| k.public_key().to_base64()),

@@ -80,6 +80,12 @@ impl BpfPaths {
     pub fn link(&self, hook: Hook, interface: &str) -> PathBuf {
         self.links().join(format!("{hook}-{interface}"))
     }
+
+    /// Identity mode's fexit link on the WireGuard module.
+    pub fn session_hook_link(&self) -> PathBuf {
+        self.links()
+            .join(format!("fexit-{}", wgpin_common::SESSION_HOOK_FUNCTION))
+    }
 }
 
 impl Default for BpfPaths {
@@ -314,6 +320,8 @@ pub struct FastPath {
     ebpf: Ebpf,
     links: BTreeMap<(Hook, String), HeldLink>,
     maps: Maps,
+    /// Identity mode's fexit on the WireGuard module, once enabled.
+    session_hook: Option<HeldLink>,
 }
 
 /// A violation event, decoded.
@@ -439,6 +447,7 @@ impl FastPath {
             ebpf,
             links: BTreeMap::new(),
             maps,
+            session_hook: None,
         };
         fast_path.adopt_links()?;
         Ok(fast_path)
@@ -722,7 +731,144 @@ impl FastPath {
                 problems.push(format!("{hook} on {interface}: {problem}"));
             }
         }
+        if let Some(held) = &self.session_hook
+            && let Err(problem) = verify_pinned(held)
+        {
+            problems.push(format!(
+                "the identity hook on {}: {problem}",
+                wgpin_common::SESSION_HOOK_FUNCTION
+            ));
+        }
         Verification { problems }
+    }
+
+    /// Whether identity mode's hook is attached (by this agent).
+    pub fn identity_enabled(&self) -> bool {
+        self.session_hook.is_some()
+    }
+
+    /// Turns identity mode's kernel side on: checks the WireGuard module's BTF for what the
+    /// session hook reads, loads the hook against the module, attaches it (fexit on
+    /// `wg_index_hashtable_insert`), pins the link (it outlives the agent, like the others; an
+    /// earlier agent's link is replaced after the new one is attached, so no index is missed)
+    /// and tells the hook where its fields are. The error says why identity mode cannot run
+    /// here, for the condition that reports the fallback to shared mode.
+    pub fn enable_identity(&mut self) -> Result<(), String> {
+        use std::os::fd::AsFd as _;
+
+        let btf =
+            super::btf::Btf::from_kernel(super::identity::MODULE).map_err(|e| e.to_string())?;
+        let facts = super::identity::check_module(&btf)?;
+        let module = wgpin_bpf_sys::module_btf_fd(super::identity::MODULE)
+            .map_err(|e| format!("the {} module's BTF object: {e}", super::identity::MODULE))?;
+        // The maps stay open until the program is loaded: the instructions hold their fds.
+        let (instructions, _maps) = self.relocated(programs::SESSION_HOOK)?;
+        let program = wgpin_bpf_sys::load_tracing_program(&wgpin_bpf_sys::TracingProgram {
+            name: programs::SESSION_HOOK,
+            instructions: &instructions,
+            license: c"GPL",
+            attach_type: aya_obj::generated::bpf_attach_type::BPF_TRACE_FEXIT,
+            attach_btf_id: facts.function_id,
+            attach_btf_obj: module.as_fd(),
+        })
+        .map_err(|e| {
+            format!(
+                "the kernel refused the identity hook on {}: {e}",
+                wgpin_common::SESSION_HOOK_FUNCTION
+            )
+        })?;
+        let program_pin = self.paths.programs().join(programs::SESSION_HOOK);
+        let _ = std::fs::remove_file(&program_pin);
+        wgpin_bpf_sys::pin(program.as_fd(), &program_pin).map_err(|e| {
+            format!(
+                "pinning the identity hook at {}: {e}",
+                program_pin.display()
+            )
+        })?;
+        // The hook reads nothing until the layout is valid; write it before attaching.
+        self.set_identity_layout(facts.layout)
+            .map_err(|e| e.to_string())?;
+        let mut fexit = aya::programs::FExit::from_pin(&program_pin)
+            .map_err(|e| format!("adopting the identity hook from its pin: {e}"))?;
+        let id = fexit.attach().map_err(|e| {
+            format!(
+                "attaching the identity hook to {} (BPF trampolines on module functions): {e}",
+                wgpin_common::SESSION_HOOK_FUNCTION
+            )
+        })?;
+        let link = FdLink::from(
+            fexit
+                .take_link(id)
+                .map_err(|e| format!("taking the identity hook's link: {e}"))?,
+        );
+        let path = self.paths.session_hook_link();
+        // An earlier agent's link goes only now: one of the two was attached at every moment.
+        let _ = std::fs::remove_file(&path);
+        let pinned = link.pin(&path).map_err(|e| {
+            format!(
+                "pinning the identity hook's link at {}: {e}",
+                path.display()
+            )
+        })?;
+        self.session_hook = Some(HeldLink::new(FdLink::from(pinned), path));
+        tracing::info!(
+            function = wgpin_common::SESSION_HOOK_FUNCTION,
+            btf_id = facts.function_id,
+            layout = ?facts.layout,
+            "identity mode: session hook attached"
+        );
+        Ok(())
+    }
+
+    /// The instructions of one of the object's programs with its map references bound to the
+    /// pinned maps (what aya does inside `Ebpf::load`, for a program it cannot load itself),
+    /// and those maps, opened: keep them until the program is loaded.
+    fn relocated(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<aya_obj::generated::bpf_insn>, Vec<MapData>), String> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+
+        let mut object =
+            aya_obj::Object::parse(OBJECT).map_err(|e| format!("parsing the eBPF object: {e}"))?;
+        let definitions = object.maps.clone();
+        let mut opened = Vec::new();
+        for map in definitions.keys() {
+            let data = MapData::from_pin(self.paths.map(map))
+                .map_err(|e| format!("opening the pinned map {map}: {e}"))?;
+            opened.push((map.clone(), data));
+        }
+        let text_sections = object
+            .functions
+            .keys()
+            .map(|(section, _)| *section)
+            .collect();
+        object
+            .relocate_maps(
+                opened.iter().filter_map(|(map, data)| {
+                    definitions
+                        .get(map)
+                        .map(|def| (map.as_str(), data.fd().as_fd().as_raw_fd(), def))
+                }),
+                &text_sections,
+            )
+            .map_err(|e| format!("relocating {name}: {e}"))?;
+        object
+            .relocate_calls(&text_sections)
+            .map_err(|e| format!("relocating {name}'s calls: {e}"))?;
+        let program = object
+            .programs
+            .get(name)
+            .ok_or_else(|| format!("{name} is missing from the eBPF object"))?;
+        let function = object
+            .functions
+            .get(&program.function_key())
+            .ok_or_else(|| format!("{name}'s code is missing from the eBPF object"))?;
+        let instructions = function.instructions.clone();
+        Ok((
+            instructions,
+            opened.into_iter().map(|(_, data)| data).collect(),
+        ))
     }
 
     fn verify_link(
@@ -1210,6 +1356,31 @@ fn read_pins<K: AllowData>(
                 value,
             );
         }
+    }
+    Ok(())
+}
+
+/// A pinned link this agent holds is still the one at its pin, and its program still exists.
+fn verify_pinned(held: &HeldLink) -> Result<(), String> {
+    let info: LinkInfo = held
+        .link
+        .info()
+        .map_err(|e| format!("cannot read the link: {e}"))?;
+    let pinned = PinnedLink::from_pin(&held.path)
+        .map_err(|_| format!("the link is no longer pinned at {}", held.path.display()))?;
+    let pinned_id = FdLink::from(pinned)
+        .info()
+        .map(|i| i.id())
+        .unwrap_or_default();
+    if pinned_id != info.id() {
+        return Err(format!(
+            "the pin at {} now holds another link",
+            held.path.display()
+        ));
+    }
+    let program_id = info.program_id();
+    if !loaded_programs().flatten().any(|p| p.id() == program_id) {
+        return Err(format!("program {program_id} is gone"));
     }
     Ok(())
 }

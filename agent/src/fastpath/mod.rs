@@ -5,6 +5,8 @@
 //!   (tested for real in network namespaces, `agent/tests/fastpath.rs`);
 //! - `netlink`: the XDP owner of an interface.
 
+pub mod btf;
+pub mod identity;
 pub mod loader;
 mod netlink;
 #[cfg(test)]
@@ -15,5 +17,6 @@ pub use loader::{
     Attachment, BpfPaths, FastPath, FastPathError, Hook, HookChoice, Verification, Violation,
 };
 pub use state::{
-    EnforcedInterface, FastPathState, Op, PinKey, SlotTable, Unenforceable, desired_state, plan,
+    EnforcedInterface, FastPathState, Op, PinKey, SlotTable, Unenforceable, apply_op,
+    desired_state, plan,
 };

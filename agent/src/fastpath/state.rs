@@ -106,6 +106,36 @@ pub fn plan(current: &FastPathState, desired: &FastPathState) -> Vec<Op> {
     ops
 }
 
+/// `op` applied to `state`, as the kernel's maps take it (for tests of the order).
+pub fn apply_op(state: &mut FastPathState, op: &Op) {
+    match *op {
+        Op::PutPin(key, entry) => {
+            state.pins.insert(key, entry);
+        }
+        Op::PutPeerPin(key) => {
+            state.peer_pins.insert(key);
+        }
+        Op::PutIdentity(identity, slot) => {
+            state.identities.insert(identity, slot);
+        }
+        Op::PutPort(port, entry) => {
+            state.ports.insert(port, entry);
+        }
+        Op::DeletePort(port) => {
+            state.ports.remove(&port);
+        }
+        Op::DeleteIdentity(identity) => {
+            state.identities.remove(&identity);
+        }
+        Op::DeletePeerPin(key) => {
+            state.peer_pins.remove(&key);
+        }
+        Op::DeletePin(key) => {
+            state.pins.remove(&key);
+        }
+    }
+}
+
 /// Stable counter slots for ports and peers, so counters keep their meaning across changes
 /// and restarts (the agent persists the table). A freed slot is reused lowest first.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -669,20 +699,7 @@ mod tests {
         .collect();
         let mut state = current.clone();
         for op in plan(&current, &desired) {
-            match op {
-                Op::PutPin(k, e) => {
-                    state.pins.insert(k, e);
-                }
-                Op::PutPort(p, e) => {
-                    state.ports.insert(p, e);
-                }
-                Op::DeletePort(p) => {
-                    state.ports.remove(&p);
-                }
-                Op::DeletePin(k) => {
-                    state.pins.remove(&k);
-                }
-            }
+            apply_op(&mut state, &op);
             for (port, ip) in &probes {
                 let before = allows(&current, *port, *ip);
                 let after = allows(&desired, *port, *ip);
