@@ -5,6 +5,10 @@
 //!    1, 100 and 10,000 pinned prefixes on one port, IPv4 and IPv6, allowed, dropped and
 //!    unmanaged frames, XDP and TC; then, with repeat = 1 per call, what a drop costs when
 //!    every packet comes from a new source (a rate-limit entry and a violation event each).
+//! I. Identity mode's extra cost per packet (`BPF_PROG_TEST_RUN`, side by side in one run):
+//!    one port shared by 100 peers, each with its own /32, as Shared and as Identity; a data
+//!    message of a known session, an initiation, a data message of an unknown session; and the
+//!    egress check on a handshake response and on a data message.
 //! B. Real packets on one veth pair between two namespaces, one generator (trafgen) for
 //!    every variant: no filter, our XDP program, our TC program, and the same allowlist in
 //!    nftables (netdev ingress, and inet input); plus the generator alone (server end down) to
@@ -19,7 +23,7 @@
 //! Knobs (environment): `WGPIN_BENCH_SECS` measured seconds per run (2), `WGPIN_BENCH_ROUNDS`
 //! rounds over every variant, reported as medians (3), `WGPIN_BENCH_REPEAT` test-run
 //! repetitions per sample (1000000), `WGPIN_BENCH_SENDERS` trafgen processes (1; the receive
-//! cost estimate needs 1), `WGPIN_BENCH_PARTS` `a`, `b` or `ab` (ab), `WGPIN_BENCH_FILTERS` a
+//! cost estimate needs 1), `WGPIN_BENCH_PARTS` any of `a`, `i`, `b` (aib), `WGPIN_BENCH_FILTERS` a
 //! comma list of `ceiling,none,xdp,tc,nft-netdev,nft-inet` (all), `WGPIN_BENCH_DRAIN=1` to
 //! drain violation events during the runs as the agent would, `WGPIN_BENCH_ID` the suffix of
 //! every name this creates (the process id), so that a wrapper can clean up after a kill;
@@ -88,6 +92,7 @@ struct Settings {
     senders: u32,
     filters: Vec<Filter>,
     part_a: bool,
+    part_i: bool,
     part_b: bool,
     id: String,
 }
@@ -121,7 +126,7 @@ impl Settings {
             .map(|v| v.parse::<u32>().expect("WGPIN_BENCH_SENDERS is a count"))
             .unwrap_or(1)
             .clamp(1, cpus);
-        let parts = var("WGPIN_BENCH_PARTS").unwrap_or_else(|| "ab".into());
+        let parts = var("WGPIN_BENCH_PARTS").unwrap_or_else(|| "aib".into());
         let id = var("WGPIN_BENCH_ID").unwrap_or_else(|| std::process::id().to_string());
         assert!(
             id.len() <= 8 && id.chars().all(|c| c.is_ascii_alphanumeric()),
@@ -135,6 +140,7 @@ impl Settings {
             senders,
             filters,
             part_a: parts.contains('a'),
+            part_i: parts.contains('i'),
             part_b: parts.contains('b'),
             id,
         }
@@ -207,6 +213,167 @@ fn pins(n: usize) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
         (0..n).map(filler_v4).collect(),
         (0..n).map(filler_v6).collect(),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part I: identity mode against shared mode, BPF_PROG_TEST_RUN.
+
+const IDENTITY_PEERS: u32 = 100;
+
+/// Port `PORT` shared by `IDENTITY_PEERS` peers, peer `i` pinned to `filler_v4(i)`/32, as
+/// Shared or as Identity (then with each peer's own pin and identity, and one session each).
+fn identity_state(identity: bool) -> FastPathState {
+    use wgpin_agent::fastpath::state::{PeerIdentity, PeerPinKey};
+    let mut state = FastPathState::default();
+    let entry = if identity {
+        PortEntry::identity(PORT_SLOT)
+    } else {
+        PortEntry::shared(PORT_SLOT)
+    };
+    state.ports.insert(PORT, entry);
+    for i in 0..IDENTITY_PEERS {
+        let prefix = IpNet::V4(Ipv4Net::from(filler_v4(i as usize)));
+        state
+            .pins
+            .insert(PinKey { port: PORT, prefix }, AllowEntry { peer_slot: i });
+        if identity {
+            state.peer_pins.insert(PeerPinKey {
+                peer_slot: i,
+                prefix,
+            });
+            let mut public_key = [0u8; 32];
+            public_key[..4].copy_from_slice(&i.to_be_bytes());
+            state.identities.insert(
+                PeerIdentity {
+                    port: PORT,
+                    public_key,
+                },
+                i,
+            );
+        }
+    }
+    state
+}
+
+/// The session index of peer `i` in part I.
+fn session_index(i: u32) -> u32 {
+    0x5e55_0000 + i
+}
+
+fn part_i(fast_path: &mut FastPath, settings: &Settings) -> String {
+    let peer = IDENTITY_PEERS / 2;
+    let source = filler_v4(peer as usize);
+    let to_gateway = |message: u8, index: u32| {
+        Frame::udp(
+            Ip::V4(source.octets(), SERVER_V4.octets()),
+            SOURCE_PORT,
+            PORT,
+        )
+        .wireguard(message, index, 0)
+        .bytes()
+    };
+    let from_gateway = |message: u8, index: u32| {
+        Frame::udp(
+            Ip::V4(SERVER_V4.octets(), source.octets()),
+            PORT,
+            SOURCE_PORT,
+        )
+        .wireguard(message, index, 7)
+        .bytes()
+    };
+    let known = session_index(peer);
+    let unknown = session_index(IDENTITY_PEERS + 1);
+    // (label, hook, frame, expected verdict)
+    let cases: Vec<(&str, Hook, Vec<u8>, u32)> = vec![
+        (
+            "XDP, data of a known session",
+            Hook::Xdp,
+            to_gateway(4, known),
+            XDP_PASS,
+        ),
+        (
+            "XDP, handshake initiation",
+            Hook::Xdp,
+            to_gateway(1, 0),
+            XDP_PASS,
+        ),
+        (
+            "XDP, data of an unknown session",
+            Hook::Xdp,
+            to_gateway(4, unknown),
+            XDP_PASS,
+        ),
+        (
+            "TC ingress, data of a known session",
+            Hook::Tc,
+            to_gateway(4, known),
+            TC_NEXT,
+        ),
+        (
+            "TC egress, handshake response",
+            Hook::Egress,
+            from_gateway(2, known),
+            TC_NEXT,
+        ),
+        (
+            "TC egress, data message",
+            Hook::Egress,
+            from_gateway(4, known),
+            TC_NEXT,
+        ),
+    ];
+    let mut ns: Vec<[f64; 2]> = vec![[0.0; 2]; cases.len()];
+    let mut wrong = Vec::new();
+    for (column, identity) in [false, true].into_iter().enumerate() {
+        fast_path
+            .apply(&identity_state(identity))
+            .expect("the identity state is written");
+        if identity {
+            for i in 0..IDENTITY_PEERS {
+                fast_path
+                    .record_session(PORT, session_index(i), i)
+                    .expect("a session");
+            }
+        }
+        for (row, (label, hook, frame, expected)) in cases.iter().enumerate() {
+            let (verdict, _) = fast_path.test_run(*hook, frame, 1000).expect("test run");
+            if verdict != *expected {
+                wrong.push(format!(
+                    "{label} ({}): verdict {verdict}",
+                    if identity { "identity" } else { "shared" }
+                ));
+            }
+            let samples = (0..SAMPLES)
+                .map(|_| {
+                    let (_, mean) = fast_path
+                        .test_run(*hook, frame, settings.repeat)
+                        .expect("test run");
+                    mean.as_secs_f64() * 1e9
+                })
+                .collect();
+            ns[row][column] = median(samples);
+        }
+    }
+    fast_path
+        .apply(&FastPathState::default())
+        .expect("the identity state is removed");
+    let mut out = format!(
+        "I. Identity mode: ns per packet (BPF_PROG_TEST_RUN, median of {SAMPLES} × {} runs), one port, {IDENTITY_PEERS} peers with a /32 each\n\n\
+         | packet | Shared | Identity | Identity / Shared |\n|---|---|---|---|\n",
+        settings.repeat
+    );
+    for ((label, ..), [shared, identity]) in cases.iter().zip(&ns) {
+        let _ = writeln!(
+            out,
+            "| {label} | {shared:.1} | {identity:.1} | {:.2}× |",
+            identity / shared
+        );
+    }
+    if !wrong.is_empty() {
+        let _ = writeln!(out, "\nWRONG VERDICTS: {}", wrong.join("; "));
+    }
+    assert!(wrong.is_empty(), "{out}");
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1409,6 +1576,10 @@ fn main() {
         eprintln!("A. BPF_PROG_TEST_RUN…");
         let (rows, novelty) = part_a(&mut fast_path, &settings);
         report.push(print_part_a(&rows, &settings) + &novelty);
+    }
+    if settings.part_i {
+        eprintln!("I. identity mode, BPF_PROG_TEST_RUN…");
+        report.push(part_i(&mut fast_path, &settings));
     }
     if settings.part_b {
         let missing: Vec<&str> = ["trafgen", "nft", "timeout"]

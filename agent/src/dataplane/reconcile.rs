@@ -529,6 +529,11 @@ impl DataPlane {
     }
 
     fn reattach(&mut self) {
+        if self.fast_path.identity_enabled()
+            && let Err(why) = self.fast_path.enable_identity()
+        {
+            tracing::error!(%why, "identity mode's hook cannot be re-attached");
+        }
         for interface in self.config.underlay.clone() {
             self.fast_path.detach(&interface);
             match self.fast_path.attach(&interface, self.config.hook) {
