@@ -69,8 +69,10 @@ pub struct Metrics {
     seen_identity: Mutex<IdentityCounters>,
 }
 
-/// Identity mode's counters: name, help, and the field of the kernel's reading.
-const IDENTITY_COUNTERS: [(&str, &str, fn(&IdentityCounters) -> u64); 6] = [
+/// An identity-mode counter: its name, its help, and its field in the kernel's reading.
+type IdentityCounter = (&'static str, &'static str, fn(&IdentityCounters) -> u64);
+
+const IDENTITY_COUNTERS: [IdentityCounter; 6] = [
     (
         "identity_sessions_learned",
         "Session indices the identity hook tied to a managed peer",

@@ -323,8 +323,10 @@ fn stolen_key_from_an_unpinned_address_is_refused(mode: PinMode) {
     );
 }
 
+/// Identity mode asked for on userspace WireGuard (no kernel functions to hook) runs Shared,
+/// and says so; Shared mode then evicts a stolen key used from another peer's pinned address.
 #[test]
-fn shared_mode_evicts_a_stolen_key_from_another_peers_pinned_address() {
+fn identity_on_userspace_wireguard_falls_back_to_shared_which_evicts_a_stolen_key() {
     let Testbed {
         gateway, lan, id, ..
     } = &Testbed::new();
@@ -335,13 +337,33 @@ fn shared_mode_evicts_a_stolen_key_from_another_peers_pinned_address() {
     // The attacker's address is pinned for the phone, so the fast path lets it through.
     let spec = gateway_spec(
         &format!("wgs{id}"),
-        PinMode::Shared,
+        PinMode::Identity,
         vec![
             laptop_peer(&laptop, None),
             rendered_peer("phone", &phone, "198.51.100.3", "192.0.2.130/32", None),
         ],
     );
-    gateway.reconcile(spec.clone());
+    let capabilities = gateway.run(|dp, rt| rt.block_on(dp.probe_capabilities()));
+    let why = capabilities
+        .identity
+        .clone()
+        .expect_err("no identity mode on wireguard-go");
+    assert!(why.contains("userspace WireGuard"), "{why}");
+    gateway.run(move |dp, rt| {
+        rt.block_on(dp.reconcile(&spec, &capabilities))
+            .expect("reconcile")
+    });
+    let status = gateway.run(|dp, _| dp.status(std::time::SystemTime::now()));
+    assert_eq!(status[0].mode, Some(wgpin_crds::ResolvedMode::Shared));
+    let fallback = status[0]
+        .mode_fallback
+        .clone()
+        .expect("the fallback is reported");
+    assert!(
+        fallback.contains("Identity cannot run on this node (userspace WireGuard")
+            && fallback.contains("running Shared"),
+        "{fallback}"
+    );
     let gateway_key = gateway.public_key();
     let _client = peer_device(
         &lan.client_ns,

@@ -757,6 +757,7 @@ mod tests {
             if status.interfaces.is_empty() {
                 status.interfaces.push(InterfaceStatus {
                     name: "gateway".into(),
+                    mode_fallback: None,
                     mode: None,
                     backend: None,
                     fast_path: None,
@@ -1191,6 +1192,7 @@ mod tests {
             .interfaces
             .push(InterfaceStatus {
                 name: "elsewhere".into(),
+                mode_fallback: None,
                 mode: None,
                 backend: None,
                 fast_path: None,

@@ -286,6 +286,7 @@ mod tests {
             conditions: vec![],
             interfaces: vec![InterfaceStatus {
                 name: "gateway".into(),
+                mode_fallback: None,
                 mode: Some(ResolvedMode::Shared),
                 backend: None,
                 fast_path: None,

@@ -47,6 +47,7 @@ fn reports(count: u64, source: &str) -> BTreeMap<String, PinnedNodeStateStatus> 
         conditions: Vec::new(),
         interfaces: vec![InterfaceStatus {
             name: "gateway".into(),
+            mode_fallback: None,
             mode: None,
             backend: None,
             fast_path: None,

@@ -1155,7 +1155,7 @@ impl Btf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Instant;
 
     use proptest::{
@@ -1165,20 +1165,20 @@ mod tests {
 
     use super::*;
 
-    const INT: u32 = 1;
-    const PTR: u32 = 2;
-    const ARRAY: u32 = 3;
-    const STRUCT: u32 = 4;
-    const UNION: u32 = 5;
+    pub(crate) const INT: u32 = 1;
+    pub(crate) const PTR: u32 = 2;
+    pub(crate) const ARRAY: u32 = 3;
+    pub(crate) const STRUCT: u32 = 4;
+    pub(crate) const UNION: u32 = 5;
     const ENUM: u32 = 6;
     const TYPEDEF: u32 = 8;
     const CONST: u32 = 10;
-    const FUNC: u32 = 12;
-    const FUNC_PROTO: u32 = 13;
+    pub(crate) const FUNC: u32 = 12;
+    pub(crate) const FUNC_PROTO: u32 = 13;
 
     /// Writes BTF blobs: base, or split over a base (string offsets and type ids continue the
     /// base's, and a name the base already has is referred to by its base offset, as pahole does).
-    struct Builder {
+    pub(crate) struct Builder {
         types: Vec<u8>,
         strings: Vec<u8>,
         base_strings: Vec<u8>,
@@ -1186,7 +1186,7 @@ mod tests {
     }
 
     impl Builder {
-        fn base() -> Builder {
+        pub(crate) fn base() -> Builder {
             Builder {
                 types: Vec::new(),
                 strings: vec![0],
@@ -1195,7 +1195,7 @@ mod tests {
             }
         }
 
-        fn split_over(base: &Btf) -> Builder {
+        pub(crate) fn split_over(base: &Btf) -> Builder {
             Builder {
                 types: Vec::new(),
                 strings: Vec::new(),
@@ -1215,7 +1215,7 @@ mod tests {
             None
         }
 
-        fn str(&mut self, s: &str) -> u32 {
+        pub(crate) fn str(&mut self, s: &str) -> u32 {
             if s.is_empty() {
                 return 0;
             }
@@ -1232,7 +1232,13 @@ mod tests {
             u32::try_from(off).expect("string offset")
         }
 
-        fn raw(&mut self, name_off: u32, info: u32, size_or_type: u32, extra: &[u32]) -> u32 {
+        pub(crate) fn raw(
+            &mut self,
+            name_off: u32,
+            info: u32,
+            size_or_type: u32,
+            extra: &[u32],
+        ) -> u32 {
             for word in [name_off, info, size_or_type].iter().chain(extra) {
                 self.types.extend_from_slice(&word.to_le_bytes());
             }
@@ -1240,7 +1246,7 @@ mod tests {
             self.next_id - 1
         }
 
-        fn ty(
+        pub(crate) fn ty(
             &mut self,
             name: &str,
             kind: u32,
@@ -1253,25 +1259,25 @@ mod tests {
             self.raw(name_off, info, size_or_type, extra)
         }
 
-        fn int(&mut self, name: &str, size: u32) -> u32 {
+        pub(crate) fn int(&mut self, name: &str, size: u32) -> u32 {
             self.ty(name, INT, 0, size, &[size * 8])
         }
 
-        fn ptr(&mut self, to: u32) -> u32 {
+        pub(crate) fn ptr(&mut self, to: u32) -> u32 {
             self.ty("", PTR, 0, to, &[])
         }
 
-        fn typedef(&mut self, name: &str, to: u32) -> u32 {
+        pub(crate) fn typedef(&mut self, name: &str, to: u32) -> u32 {
             self.ty(name, TYPEDEF, 0, to, &[])
         }
 
-        fn array(&mut self, elem: u32, index: u32, nelems: u32) -> u32 {
+        pub(crate) fn array(&mut self, elem: u32, index: u32, nelems: u32) -> u32 {
             self.ty("", ARRAY, 0, 0, &[elem, index, nelems])
         }
 
         /// Members are (name, type, offset word): the bit offset, or with `kind_flag` the
         /// bitfield size in the high 8 bits.
-        fn composite(
+        pub(crate) fn composite(
             &mut self,
             kind: u32,
             kind_flag: bool,
@@ -1290,11 +1296,16 @@ mod tests {
             self.raw(name_off, info, size, &extra)
         }
 
-        fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+        pub(crate) fn strukt(
+            &mut self,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32)],
+        ) -> u32 {
             self.composite(STRUCT, false, name, size, members)
         }
 
-        fn proto(&mut self, ret: u32, params: &[(&str, u32)]) -> u32 {
+        pub(crate) fn proto(&mut self, ret: u32, params: &[(&str, u32)]) -> u32 {
             let mut extra = Vec::new();
             for &(param, ty) in params {
                 extra.extend([self.str(param), ty]);
@@ -1302,12 +1313,12 @@ mod tests {
             self.ty("", FUNC_PROTO, params.len(), ret, &extra)
         }
 
-        fn func(&mut self, name: &str, proto: u32) -> u32 {
+        pub(crate) fn func(&mut self, name: &str, proto: u32) -> u32 {
             // vlen is the linkage: 1, global.
             self.ty(name, FUNC, 1, proto, &[])
         }
 
-        fn finish(&self) -> Vec<u8> {
+        pub(crate) fn finish(&self) -> Vec<u8> {
             let mut out = Vec::new();
             let type_len = u32::try_from(self.types.len()).expect("type_len");
             let str_len = u32::try_from(self.strings.len()).expect("str_len");
@@ -1323,13 +1334,13 @@ mod tests {
     }
 
     // Base ids.
-    const UCHAR: u32 = 1;
-    const U8: u32 = 2;
-    const U16: u32 = 4;
-    const U32: u32 = 6;
-    const LE32: u32 = 7;
-    const U64: u32 = 9;
-    const HLIST_NODE: u32 = 10;
+    pub(crate) const UCHAR: u32 = 1;
+    pub(crate) const U8: u32 = 2;
+    pub(crate) const U16: u32 = 4;
+    pub(crate) const U32: u32 = 6;
+    pub(crate) const LE32: u32 = 7;
+    pub(crate) const U64: u32 = 9;
+    pub(crate) const HLIST_NODE: u32 = 10;
     const HLIST_NODE_PTR_PTR: u32 = 12;
     const BASE_INSERT: u32 = 15;
     const BASE_TYPES: u32 = 16;
@@ -1349,7 +1360,7 @@ mod tests {
     const INSERT_PROTO: u32 = 31;
     const INSERT: u32 = 32;
 
-    fn base_blob() -> Vec<u8> {
+    pub(crate) fn base_blob() -> Vec<u8> {
         let mut b = Builder::base();
         assert_eq!(b.int("unsigned char", 1), UCHAR);
         assert_eq!(b.typedef("u8", UCHAR), U8);
@@ -1462,7 +1473,7 @@ mod tests {
         b.finish()
     }
 
-    fn wireguard() -> Btf {
+    pub(crate) fn wireguard() -> Btf {
         let base = Btf::parse(&base_blob()).expect("base");
         let split = split_blob(&base);
         Btf::parse_split(base, &split)
