@@ -1,5 +1,7 @@
 //! `PinnedInterface`: a WireGuard endpoint that wgpin stands up on a set of nodes.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -124,4 +126,8 @@ pub struct PinnedInterfaceStatus {
     /// Number of `PinnedPeer`s that reference this interface and are valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<u32>,
+    /// How many nodes run the interface in each mode, as their agents report it (`Auto`
+    /// resolved; a node whose agent has not reported yet is not counted).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub modes: BTreeMap<String, u32>,
 }

@@ -448,7 +448,19 @@ impl Controller {
                 Some(written) => Some(written.clone()),
                 None => interface.status.clone(),
             };
-            let status = interface_status(interface, &rendered, current.as_ref(), now.clone());
+            let reported = snapshot.states.iter().flat_map(|(node, state)| {
+                state
+                    .status
+                    .iter()
+                    .flat_map(move |s| s.interfaces.iter().map(move |i| (node.as_str(), i)))
+            });
+            let status = interface_status(
+                interface,
+                &rendered,
+                reported,
+                current.as_ref(),
+                now.clone(),
+            );
             if current.as_ref() == Some(&status) {
                 continue;
             }

@@ -3,7 +3,7 @@
 //! `PinnedPeer`'s status), so `Ready` here means "rendered onto its nodes".
 
 use wgpin_crds::{
-    PinnedInterface, PinnedInterfaceStatus,
+    InterfaceStatus, PinnedInterface, PinnedInterfaceStatus,
     conditions::{READY, RECONCILING, STALLED, condition, set_condition},
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
     kube::ResourceExt,
@@ -13,11 +13,19 @@ use crate::{ProblemReason, Rendered};
 
 /// Condition: the node selector selects at least one node.
 pub const NODES_SELECTED: &str = "NodesSelected";
+/// Condition: every node that reported runs the mode asked for (`Auto`: the strongest the node
+/// supports); `False` names the nodes where `Identity` fell back to `Shared`, and why.
+pub const MODE_AS_REQUESTED: &str = "ModeAsRequested";
+/// Nodes named in the `ModeAsRequested` message, at most.
+const FALLBACK_NODES_SHOWN: usize = 5;
 
-/// The status of `interface` after `rendered`; transition times carry over from `previous`.
-pub fn interface_status(
+/// The status of `interface` after `rendered`, with what the nodes' agents `reported` for it
+/// (node name, the interface's status on that node); transition times carry over from
+/// `previous`.
+pub fn interface_status<'a>(
     interface: &PinnedInterface,
     rendered: &Rendered,
+    reported: impl IntoIterator<Item = (&'a str, &'a InterfaceStatus)>,
     previous: Option<&PinnedInterfaceStatus>,
     now: Time,
 ) -> PinnedInterfaceStatus {
@@ -35,6 +43,19 @@ pub fn interface_status(
         .flat_map(|i| i.peers.iter().map(|p| p.name.as_str()))
         .collect();
     status.selected_nodes = Some(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+    status.modes.clear();
+    let mut fallbacks: Vec<String> = Vec::new();
+    for (node, reported) in reported {
+        if reported.name != name {
+            continue;
+        }
+        if let Some(mode) = reported.mode {
+            *status.modes.entry(format!("{mode:?}")).or_default() += 1;
+        }
+        if let Some(why) = &reported.mode_fallback {
+            fallbacks.push(format!("{node}: {why}"));
+        }
+    }
     status.peers = Some(u32::try_from(peers.len()).unwrap_or(u32::MAX));
     let problem = rendered
         .problems
@@ -82,6 +103,39 @@ pub fn interface_status(
             );
         }
     }
+    let fallback_message = if fallbacks.is_empty() {
+        String::new()
+    } else {
+        let more = fallbacks.len().saturating_sub(FALLBACK_NODES_SHOWN);
+        let mut message = format!(
+            "{} node(s) cannot run the mode asked for: {}",
+            fallbacks.len(),
+            fallbacks[..fallbacks.len().min(FALLBACK_NODES_SHOWN)].join("; ")
+        );
+        if more > 0 {
+            message.push_str(&format!("; and {more} more (see their PinnedNodeStates)"));
+        }
+        message
+    };
+    set_condition(
+        &mut conditions,
+        condition(
+            MODE_AS_REQUESTED,
+            if fallbacks.is_empty() {
+                "True"
+            } else {
+                "False"
+            },
+            if fallbacks.is_empty() {
+                "AsRequested"
+            } else {
+                "ModeFallback"
+            },
+            fallback_message,
+            generation,
+            now,
+        ),
+    );
     status.conditions = conditions;
     status
 }
@@ -92,6 +146,8 @@ mod tests {
         k8s_openapi::jiff::Timestamp,
         node_state::{PinnedNodeStateSpec, RenderedInterface},
     };
+
+    use wgpin_crds::ResolvedMode;
 
     use super::*;
     use crate::Problem;
@@ -147,6 +203,7 @@ mod tests {
         let status = interface_status(
             &interface("gateway"),
             &rendered_on(&["gw-a", "gw-b"], &["alice", "bob"]),
+            [],
             None,
             at(0),
         );
@@ -159,10 +216,82 @@ mod tests {
         let again = interface_status(
             &interface("gateway"),
             &rendered_on(&["gw-a", "gw-b"], &["alice", "bob"]),
+            [],
             Some(&status),
             at(60),
         );
         assert_eq!(again, status);
+    }
+
+    fn reported(name: &str, mode: ResolvedMode, fallback: Option<&str>) -> InterfaceStatus {
+        InterfaceStatus {
+            name: name.into(),
+            mode_fallback: fallback.map(str::to_string),
+            mode: Some(mode),
+            backend: None,
+            fast_path: None,
+            public_key: None,
+            peers: vec![],
+        }
+    }
+
+    #[test]
+    fn nodes_report_their_modes_and_a_fallback_names_the_nodes_and_why() {
+        let nodes: Vec<String> = (0..8).map(|i| format!("gw-{i}")).collect();
+        let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        let rendered = rendered_on(&names, &["alice"]);
+        let identity = reported("gateway", ResolvedMode::Identity, None);
+        let fallback = reported(
+            "gateway",
+            ResolvedMode::Shared,
+            Some("Identity cannot run on this node (no module BTF); running Shared"),
+        );
+        let other_interface = reported("other", ResolvedMode::Shared, Some("ignored"));
+        let mut reports = vec![
+            ("gw-0", &identity),
+            ("gw-1", &identity),
+            ("gw-0", &other_interface),
+        ];
+        reports.extend(names[2..].iter().map(|n| (*n, &fallback)));
+        let status = interface_status(&interface("gateway"), &rendered, reports, None, at(0));
+        assert_eq!(
+            status.modes,
+            [("Identity".to_string(), 2), ("Shared".to_string(), 6)].into()
+        );
+        assert_eq!(
+            condition(&status, READY),
+            ("True", "Rendered"),
+            "rendered all the same"
+        );
+        assert_eq!(
+            condition(&status, MODE_AS_REQUESTED),
+            ("False", "ModeFallback")
+        );
+        let message = &status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == MODE_AS_REQUESTED)
+            .expect("condition")
+            .message;
+        assert!(
+            message.starts_with("6 node(s) cannot run the mode asked for: gw-2: Identity cannot run on this node (no module BTF)")
+                && message.ends_with("; and 1 more (see their PinnedNodeStates)")
+                && !message.contains("ignored"),
+            "{message}"
+        );
+        // Every node as asked: True.
+        let status = interface_status(
+            &interface("gateway"),
+            &rendered,
+            names.iter().map(|n| (*n, &identity)),
+            Some(&status),
+            at(1),
+        );
+        assert_eq!(
+            condition(&status, MODE_AS_REQUESTED),
+            ("True", "AsRequested")
+        );
+        assert_eq!(status.modes, [("Identity".to_string(), 8)].into());
     }
 
     #[test]
@@ -178,7 +307,7 @@ mod tests {
                 reason,
                 message: "why".into(),
             });
-            let status = interface_status(&interface("gateway"), &rendered, None, at(0));
+            let status = interface_status(&interface("gateway"), &rendered, [], None, at(0));
             assert_eq!(condition(&status, READY), ("False", reason.as_str()));
             assert_eq!(condition(&status, STALLED), ("True", reason.as_str()));
             assert_eq!(condition(&status, NODES_SELECTED).0, nodes_selected);
