@@ -461,11 +461,18 @@ fn identity_mode_checks_each_session_against_its_own_peer() {
         &[],
         &[
             (PORT, "192.0.2.0/28", a_slot),
+            (PORT, "fd00:a::/64", a_slot),
             (PORT, "192.0.2.130/32", c_slot),
+            (PORT, "fd00:c::1/128", c_slot),
         ],
     );
     desired.ports.insert(PORT, PortEntry::identity(0));
-    for (slot, prefix) in [(a_slot, "192.0.2.0/28"), (c_slot, "192.0.2.130/32")] {
+    for (slot, prefix) in [
+        (a_slot, "192.0.2.0/28"),
+        (a_slot, "fd00:a::/64"),
+        (c_slot, "192.0.2.130/32"),
+        (c_slot, "fd00:c::1/128"),
+    ] {
         desired.peer_pins.insert(PeerPinKey {
             peer_slot: slot,
             prefix: prefix.parse().expect("prefix"),
@@ -500,6 +507,12 @@ fn identity_mode_checks_each_session_against_its_own_peer() {
     const OUTSIDE: [u8; 4] = [203, 0, 113, 9];
     let to_gateway = |src, message, first, second| {
         Frame::udp(Ip::V4(src, GATEWAY), 40000, PORT).wireguard(message, first, second)
+    };
+    const GATEWAY6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const A6: [u8; 16] = [0xfd, 0, 0, 0xa, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42];
+    const C6: [u8; 16] = [0xfd, 0, 0, 0xc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let to_gateway6 = |src, message, first| {
+        Frame::udp(Ip::V6(src, GATEWAY6), 40000, PORT).wireguard(message, first, 0)
     };
     let (pass, drop) = (true, false);
     let ingress: Vec<(&str, Frame, bool)> = vec![
@@ -558,6 +571,21 @@ fn identity_mode_checks_each_session_against_its_own_peer() {
             to_gateway(OUTSIDE, 4, unknown, 0),
             drop,
         ),
+        (
+            "A's data from A's IPv6 prefix",
+            to_gateway6(A6, 4, a_index),
+            pass,
+        ),
+        (
+            "A's data from C's IPv6 address",
+            to_gateway6(C6, 4, a_index),
+            drop,
+        ),
+        (
+            "C's data from C's IPv6 address",
+            to_gateway6(C6, 4, c_index),
+            pass,
+        ),
     ];
     // Egress: what WireGuard sends from the identity port.
     let from_gateway = |dst, message, first, second| {
@@ -583,6 +611,11 @@ fn identity_mode_checks_each_session_against_its_own_peer() {
             "a response for C to C's address",
             from_gateway(C, 2, c_index, 9),
             pass,
+        ),
+        (
+            "a response for A to C's IPv6 address",
+            Frame::udp(Ip::V6(GATEWAY6, C6), PORT, 40000).wireguard(2, a_index, 9),
+            drop,
         ),
         (
             "data (no sender index) to C's address",
@@ -621,8 +654,9 @@ fn identity_mode_checks_each_session_against_its_own_peer() {
 
     let counters = fast_path.identity_counters().expect("identity counters");
     // Per program: A's data, C's data, the response and the cookie from the wrong address.
-    assert_eq!(counters.ingress_dropped, 2 * 4, "{counters:?}");
-    assert_eq!(counters.egress_dropped, 2, "{counters:?}");
+    // And A's data from C's IPv6 address; on egress, the IPv6 response too.
+    assert_eq!(counters.ingress_dropped, 2 * 5, "{counters:?}");
+    assert_eq!(counters.egress_dropped, 3, "{counters:?}");
     assert_eq!(counters.unknown_sessions, 2 * 2, "{counters:?}");
     // The violations name the session's peer and the address that broke its pin.
     let violations = fast_path.drain_violations();
@@ -649,7 +683,7 @@ fn identity_mode_checks_each_session_against_its_own_peer() {
     );
     // Per-peer counters: A's drops are A's, whichever address they came from.
     let a = fast_path.peer_counters(a_slot).expect("A's counters");
-    assert_eq!(a.dropped_packets, 2 * 3 + 2, "{a:?}");
+    assert_eq!(a.dropped_packets, 2 * 4 + 3, "{a:?}");
 
     // Removing identity mode takes the port's flag first, then identities and peer pins.
     let ops = fast_path
