@@ -63,6 +63,14 @@ pub fn module_btf_fd(module: &str) -> io::Result<OwnedFd> {
         attr.__bindgen_anon_6.__bindgen_anon_1.start_id = id;
         match bpf(bpf_cmd::BPF_BTF_GET_NEXT_ID, &mut attr) {
             Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "listing the kernel's BTF objects (to find module {module:?}'s) needs CAP_SYS_ADMIN; the chart adds it with agent.identityMode"
+                    ),
+                ));
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,

@@ -337,7 +337,8 @@ def check_agent(objects, values, release, namespace, full, app_version):
         expect(f"{what}: allowPrivilegeEscalation", sc.get("allowPrivilegeEscalation"), False)
         caps = sc.get("capabilities") or {}
         expect(f"{what}: capabilities dropped", caps.get("drop"), ["ALL"])
-        expect(f"{what}: capabilities added", sorted(caps.get("add") or []), ["BPF", "NET_ADMIN", "PERFMON"])
+        added = ["BPF", "NET_ADMIN", "PERFMON"] + (["SYS_ADMIN"] if ag["identityMode"] else [])
+        expect(f"{what}: capabilities added", sorted(caps.get("add") or []), sorted(added))
 
     volumes = {v["name"]: v for v in pod.get("volumes") or []}
     mounts = {m["name"]: m for m in c.get("volumeMounts") or []}
