@@ -50,48 +50,7 @@ pub struct VmImage {
 /// failure panics.
 pub fn image() -> Result<VmImage, String> {
     static IMAGE: OnceLock<Result<VmImage, String>> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            require_root();
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/vm/build-image.sh");
-            let started = Instant::now();
-            let output = Command::new(script)
-                .args(["--agent", env!("CARGO_BIN_EXE_wgpin-agent")])
-                .stdin(Stdio::null())
-                .output()
-                .unwrap_or_else(|e| panic!("{script}: {e}"));
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            match output.status.code() {
-                Some(0) => {}
-                Some(77) => {
-                    let reason = stderr
-                        .lines()
-                        .filter_map(|l| l.strip_prefix("VM-IMAGE-UNAVAILABLE: "))
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    return Err(if reason.is_empty() {
-                        stderr.trim().to_string()
-                    } else {
-                        reason
-                    });
-                }
-                _ => panic!("{script} failed ({}):\n{stdout}\n{stderr}", output.status),
-            }
-            let field = |name: &str| {
-                stdout
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| panic!("{script} printed no {name}=:\n{stdout}"))
-            };
-            Ok(VmImage {
-                vmlinux: field("vmlinux"),
-                initrd: field("initrd"),
-                build_time: started.elapsed(),
-            })
-        })
-        .clone()
+    IMAGE.get_or_init(|| image_with(&[], &[])).clone()
 }
 
 /// The image, or `None` after saying loudly why this test is skipped.
@@ -512,5 +471,79 @@ impl KernelCalls {
         .trim()
         .parse()
         .unwrap_or_else(|e| panic!("counting {function}: {e}"))
+    }
+}
+
+/// An image with more programs in `/usr/bin` (`--extra`: each under its file name, with its
+/// shared libraries) and more kernel modules loaded at boot (`--module`, e.g. `tun` for
+/// wireguard-go), built on each call (build-image.sh caches it under its own name, so the
+/// tests' image stays). `Err` only when a Debian package it needs is unavailable, as [`image`].
+pub fn image_with(extras: &[&std::path::Path], modules: &[&str]) -> Result<VmImage, String> {
+    require_root();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/vm/build-image.sh");
+    let mut command = Command::new(script);
+    command.args(["--agent", env!("CARGO_BIN_EXE_wgpin-agent")]);
+    for extra in extras {
+        command.arg("--extra").arg(extra);
+    }
+    for module in modules {
+        command.args(["--module", module]);
+    }
+    let started = Instant::now();
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    match output.status.code() {
+        Some(0) => {}
+        Some(77) => {
+            let reason = stderr
+                .lines()
+                .filter_map(|l| l.strip_prefix("VM-IMAGE-UNAVAILABLE: "))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(if reason.is_empty() {
+                stderr.trim().to_string()
+            } else {
+                reason
+            });
+        }
+        _ => panic!("{script} failed ({}):\n{stdout}\n{stderr}", output.status),
+    }
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("{script} printed no {name}=:\n{stdout}"))
+    };
+    Ok(VmImage {
+        vmlinux: field("vmlinux"),
+        initrd: field("initrd"),
+        build_time: started.elapsed(),
+    })
+}
+
+impl KernelCalls {
+    /// Starts counting calls of `functions` (any traceable kernel functions, e.g.
+    /// `wg_get_device_dump`: one call per reply message of a dump) from zero.
+    pub fn start_functions(vm: &mut Vm, functions: &[&str]) {
+        vm.ok(&format!(
+            "cd /sys/kernel/tracing\n\
+             echo 0 > tracing_on\n\
+             echo '{}' > set_ftrace_filter\n\
+             echo function > current_tracer\n\
+             echo 16384 > buffer_size_kb\n\
+             echo > trace\n\
+             echo 1 > tracing_on",
+            functions.join(" ")
+        ));
+    }
+
+    /// Stops tracing (the counts stay readable with [`KernelCalls::count`]).
+    pub fn stop(vm: &mut Vm) {
+        vm.ok("echo 0 > /sys/kernel/tracing/tracing_on");
     }
 }
