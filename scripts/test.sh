@@ -48,7 +48,8 @@ check "CRD manifests are valid CustomResourceDefinitions for Kubernetes 1.31 and
 check "Helm chart: lint, rendered objects checked and validated for Kubernetes 1.31 and 1.37, bad values refused (scripts/test-chart.sh)" \
     "$WGPIN_ROOT/scripts/test-chart.sh"
 check "GitOps: Argo CD health checks (Lua) and example manifests (scripts/test-gitops.sh)" "$WGPIN_ROOT/scripts/test-gitops.sh"
-check "kernel WireGuard in a VM (netlink backend)" cargo test --locked -p wgpin-agent --test vm -- --ignored --nocapture
+# --workspace: the same feature set as the cargo test step above, so its build is reused.
+check "kernel WireGuard in a VM (netlink backend and identity mode)" cargo test --workspace --locked --test vm -- --ignored --nocapture
 
 printf '\n'
 for name in "${failures[@]}"; do printf 'FAILED: %s\n' "$name"; done
