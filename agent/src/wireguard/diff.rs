@@ -15,9 +15,13 @@ use super::{
     model::{DeviceState, PeerChange, PeerConfig},
 };
 
-/// Whether `endpoint` lies inside `pin`.
+/// Whether `endpoint` lies inside `pin`. An IPv4-mapped endpoint (`::ffff:192.0.2.2`, what a
+/// dual-stack socket reports for IPv4 traffic) is its IPv4 address: the fast path saw those
+/// packets as IPv4 and checked them against the IPv4 pins, so reading it as IPv6 here would
+/// evict a peer that is inside its pin, at every guard tick.
 pub fn inside_pin(endpoint: &SocketAddr, pin: &[IpNet]) -> bool {
-    pin.iter().any(|net| net.contains(&endpoint.ip()))
+    let ip = endpoint.ip().to_canonical();
+    pin.iter().any(|net| net.contains(&ip))
 }
 
 /// The changes that take the device's peers to `desired`: removals first, then additions and
@@ -102,6 +106,18 @@ mod tests {
 
     fn key(n: u8) -> WireGuardKey {
         WireGuardKey::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn an_ipv4_mapped_endpoint_is_its_ipv4_address() {
+        let pin: Vec<IpNet> = vec!["192.0.2.0/24".parse().expect("net")];
+        let mapped: SocketAddr = "[::ffff:192.0.2.2]:40000".parse().expect("addr");
+        let outside: SocketAddr = "[::ffff:198.51.100.2]:40000".parse().expect("addr");
+        assert!(inside_pin(&mapped, &pin));
+        assert!(!inside_pin(&outside, &pin));
+        // A real IPv6 endpoint stays IPv6: an IPv4 pin never covers it.
+        let v6: SocketAddr = "[fd00::c000:202]:40000".parse().expect("addr");
+        assert!(!inside_pin(&v6, &pin));
     }
 
     fn nets(list: &[&str]) -> BTreeSet<IpNet> {
