@@ -1370,3 +1370,32 @@ fn the_programs_agree_with_the_host_parser_on_any_frame() {
         panic!("{e}");
     }
 }
+
+/// An earlier agent's maps with another layout (a map of another key or value size at a pin
+/// this agent's object names) are refused with what differs and what to do, before anything is
+/// loaded against them.
+#[test]
+fn pinned_maps_of_another_layout_are_refused_with_a_reason() {
+    let (first, second) = (TestRoot::new(), TestRoot::new());
+    let fast_path = FastPath::open(first.paths()).expect("fast path loads");
+    std::fs::create_dir_all(second.paths().maps()).expect("maps dir");
+    // The config map (one 16-byte value, key u32) pinned where the ports map belongs.
+    let config = aya::maps::MapData::from_pin(first.paths().map(wgpin_common::maps::CONFIG))
+        .expect("config map");
+    config
+        .pin(second.paths().map(wgpin_common::maps::PORTS))
+        .expect("pinned under the other root");
+    let error = match FastPath::open(second.paths()) {
+        Ok(_) => panic!("a map of another layout must be refused"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("map WGPIN_PORTS pinned at")
+            && error.contains("has another layout than this agent's")
+            && error.contains("value 16 B")
+            && error.contains("remove"),
+        "{error}"
+    );
+    drop(config);
+    fast_path.remove_all().expect("clean up");
+}

@@ -214,6 +214,21 @@ pub enum FastPathError {
     },
     #[error("interface {interface:?}: {message}")]
     Attach { interface: String, message: String },
+    #[error(
+        "map {name} pinned at {} has another layout than this agent's ({pinned}; this agent: {ours}): \
+         it was made by an agent of another version, whose programs still enforce with it. This \
+         agent cannot take them over in place: stop it, remove the peers from WireGuard (or accept \
+         that they are unprotected), remove {} and start it again",
+        path.display(),
+        root.display()
+    )]
+    IncompatiblePins {
+        name: String,
+        path: PathBuf,
+        root: PathBuf,
+        pinned: String,
+        ours: String,
+    },
     #[error("{0}")]
     Netlink(String),
 }
@@ -415,6 +430,7 @@ impl FastPath {
         ] {
             ensure_dir(&dir)?;
         }
+        check_pinned_layouts(&paths)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(paths.maps())
             .load(OBJECT)
@@ -1355,6 +1371,52 @@ fn read_pins<K: AllowData>(
                 },
                 value,
             );
+        }
+    }
+    Ok(())
+}
+
+/// Every map already pinned under `paths` has the layout this agent's object declares: aya
+/// reuses a pinned map by name without comparing, and a program loaded against a map of another
+/// layout either fails the verifier with an obscure message or, worse, reads keys and values
+/// wrongly.
+fn check_pinned_layouts(paths: &BpfPaths) -> Result<(), FastPathError> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| FastPathError::Attach {
+        interface: String::new(),
+        message: format!("the eBPF object does not parse ({e}); the agent binary is broken"),
+    })?;
+    for (name, map) in &object.maps {
+        let path = paths.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned =
+            MapInfo::from_pin(&path).map_err(map_err(format!("reading the pinned map {name}")))?;
+        let layout = |kind: u32, key: u32, value: u32, max: u32| {
+            format!("type {kind}, key {key} B, value {value} B, {max} entries")
+        };
+        let (theirs, ours) = (
+            layout(
+                pinned.map_type().map_or(u32::MAX, |t| t as u32),
+                pinned.key_size(),
+                pinned.value_size(),
+                pinned.max_entries(),
+            ),
+            layout(
+                map.map_type(),
+                map.key_size(),
+                map.value_size(),
+                map.max_entries(),
+            ),
+        );
+        if theirs != ours {
+            return Err(FastPathError::IncompatiblePins {
+                name: name.clone(),
+                path,
+                root: paths.root().to_path_buf(),
+                pinned: theirs,
+                ours,
+            });
         }
     }
     Ok(())
