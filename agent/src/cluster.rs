@@ -5,6 +5,10 @@
 //!   restarted while the API server is unreachable enforces the last state it had.
 //! - **Enforcement**: the same [`Enforcer`] as standalone mode, ticking every guard interval
 //!   whatever the API does.
+//! - **Preshared keys**: the Secrets this node's state names, and only those, each read by a
+//!   `get` (never a list or a watch) in a task of their own, kept through outages and restarts
+//!   ([`crate::secrets`]). A state that names a Secret not read yet waits up to
+//!   [`FIRST_READ_WAIT`] for it before its reconcile.
 //! - **Output**: `PinnedNodeState.status` by server-side apply (field manager `wgpin-agent`),
 //!   coalesced: a change that matters (a peer's state, endpoint or violation count, a condition)
 //!   is written at most every [`StatusSettings::min_interval`]; counters and handshake times
@@ -39,6 +43,7 @@ use crate::{
     dataplane::DataPlaneConfig,
     enforcer::{Enforcer, EnforcerSettings, Tick},
     metrics::{self, Metrics},
+    secrets::{self, FIRST_READ_WAIT, PRESHARED_KEYS_FILE, SecretCache, references},
 };
 
 /// The field manager of the agent's status writes.
@@ -86,6 +91,8 @@ pub struct ClusterConfig {
     pub guard_interval: Duration,
     /// Where the agent's Events go.
     pub event_namespace: String,
+    /// How often the preshared-key Secrets are read again ([`secrets::DEFAULT_REFRESH`]).
+    pub secret_refresh: Duration,
 }
 
 /// The state the agent enforces, as persisted between runs.
@@ -491,6 +498,30 @@ async fn enforce(
     let mut applied_generation: Option<i64> = None;
     let mut last_failure: Option<String> = None;
 
+    // Preshared keys: the Secrets this node's state names, read by a task of their own (an API
+    // server that hangs must not delay enforcement), the last ones read kept on disk.
+    if config.dataplane.secrets_dir.is_some() {
+        tracing::warn!(
+            "--secrets-dir is for standalone mode and ignored here: in a cluster the agent reads the Secrets its node's state names"
+        );
+    }
+    let secret_cache = SecretCache::load(state_dir.join("keys").join(PRESHARED_KEYS_FILE));
+    enforcer.set_secret_source(Arc::new(secret_cache.clone()));
+    let mut named = references(&desired.spec);
+    if !secret_cache.covers(&named) {
+        enforcer.hold_until(Some(Instant::now() + FIRST_READ_WAIT));
+    }
+    let (named_tx, named_rx) = tokio::sync::watch::channel(named.clone());
+    let (read_tx, mut read_rx) = tokio::sync::watch::channel(0u64);
+    let secret_task = tokio::spawn(secrets::fetch_loop(
+        client.clone(),
+        secret_cache.clone(),
+        named_rx,
+        read_tx,
+        config.secret_refresh,
+        metrics.clone(),
+    ));
+
     let api: Api<PinnedNodeState> = Api::all(client.clone());
     let (status_tx, status_rx) = tokio::sync::watch::channel(None);
     let status_task = tokio::spawn(status_writer(
@@ -568,8 +599,23 @@ async fn enforce(
                     tracing::info!(generation = received.generation, "new state for this node");
                     desired = received;
                     enforcer.changed();
+                    let now_named = references(&desired.spec);
+                    if now_named != named {
+                        named = now_named;
+                        named_tx.send_replace(named.clone());
+                    }
+                    if !secret_cache.covers(&named) {
+                        enforcer.hold_until(Some(Instant::now() + FIRST_READ_WAIT));
+                    }
                 }
                 continue;
+            }
+            // A preshared key or the reason there is none changed: plan again, now.
+            Ok(()) = read_rx.changed() => {
+                enforcer.changed();
+                if secret_cache.covers(&named) {
+                    enforcer.hold_until(None);
+                }
             }
             _ = ticker.tick() => {}
         }
@@ -613,6 +659,8 @@ async fn enforce(
         }
     }
     tracing::info!("stopping; enforcement stays in place for the next agent to adopt");
+    drop(named_tx);
+    secret_task.abort();
     drop(status_tx);
     drop(event_tx);
     // Let the last status and Events out, briefly.

@@ -21,6 +21,7 @@ use crate::{
     dataplane::{DataPlane, DataPlaneConfig, Eviction, Writes},
     fastpath::Violation,
     metrics::{Metrics, ModeLabels, PeerLabels},
+    secrets::SecretSource,
 };
 
 /// How the loop paces itself.
@@ -100,6 +101,8 @@ pub struct Enforcer {
     backoff: Duration,
     retry_at: Instant,
     last_apply: Instant,
+    /// No reconcile before this (the guard still runs): see [`Enforcer::hold_until`].
+    hold: Option<Instant>,
 }
 
 impl Enforcer {
@@ -123,6 +126,7 @@ impl Enforcer {
             backoff: Duration::ZERO,
             retry_at: Instant::now(),
             last_apply: Instant::now(),
+            hold: None,
         })
     }
 
@@ -138,6 +142,19 @@ impl Enforcer {
 
     pub fn dataplane(&self) -> &DataPlane {
         &self.dataplane
+    }
+
+    /// Where preshared keys come from (see [`DataPlane::set_secret_source`]).
+    pub fn set_secret_source(&mut self, source: Arc<dyn SecretSource>) {
+        self.dataplane.set_secret_source(source);
+    }
+
+    /// Holds reconciles back until `until` (`None` releases them); every tick still guards the
+    /// fast path and the endpoints. In-cluster mode waits so for the first read of the Secrets
+    /// a new state names, rather than report its peers not enforced for the moment a read
+    /// takes.
+    pub fn hold_until(&mut self, until: Option<Instant>) {
+        self.hold = until;
     }
 
     /// One round: guard, violations, reconcile if due, metrics and readiness.
@@ -184,7 +201,8 @@ impl Enforcer {
         tick.evictions = guard.evictions;
 
         let resync = !self.dirty && self.last_apply.elapsed() >= self.settings.resync_interval;
-        if (self.dirty || resync) && Instant::now() >= self.retry_at {
+        let held = self.hold.is_some_and(|until| Instant::now() < until);
+        if (self.dirty || resync) && !held && Instant::now() >= self.retry_at {
             let started = Instant::now();
             self.last_apply = started;
             let capabilities = self.dataplane.probe_capabilities().await;

@@ -8,6 +8,8 @@
 //! - [`enforcer`]: the enforcement loop's body, shared by both modes;
 //! - [`cluster`]: the agent in a cluster, enforcing its node's `PinnedNodeState`;
 //! - [`standalone`]: the agent without Kubernetes, reading manifests from a directory;
+//! - [`secrets`]: preshared keys, from files (standalone) or from the node's own Secrets
+//!   (in a cluster);
 //! - [`metrics`]: Prometheus metrics and health endpoints.
 
 pub mod cluster;
@@ -16,5 +18,6 @@ pub mod enforcer;
 pub mod fastpath;
 pub mod manifests;
 pub mod metrics;
+pub mod secrets;
 pub mod standalone;
 pub mod wireguard;

@@ -90,7 +90,8 @@ struct EnforceArgs {
     /// The userspace WireGuard to run for each device.
     #[arg(long, default_value = "wireguard-go")]
     wireguard_go: PathBuf,
-    /// Preshared keys: <dir>/<namespace>/<name>/<key>, like mounted Secrets.
+    /// Preshared keys: <dir>/<namespace>/<name>/<key>, like mounted Secrets (standalone mode;
+    /// in a cluster the agent reads the Secrets its node's state names).
     #[arg(long)]
     secrets_dir: Option<PathBuf>,
     /// Serve /metrics, /healthz and /readyz here.
@@ -165,6 +166,10 @@ enum Command {
         /// The namespace of the Events the agent writes about PinnedPeers.
         #[arg(long, default_value = "default")]
         event_namespace: String,
+        /// Milliseconds between reads of the preshared-key Secrets this node's state names (a
+        /// Secret it newly names is read at once).
+        #[arg(long, default_value_t = wgpin_agent::secrets::DEFAULT_REFRESH.as_millis() as u64)]
+        secret_refresh_interval_ms: u64,
         #[command(flatten)]
         enforce: EnforceArgs,
     },
@@ -202,6 +207,7 @@ fn main() -> ExitCode {
         Command::Cluster {
             node,
             event_namespace,
+            secret_refresh_interval_ms,
             enforce,
         } => {
             let config = cluster::ClusterConfig {
@@ -212,6 +218,9 @@ fn main() -> ExitCode {
                 metrics_addr: enforce.metrics_addr,
                 guard_interval: enforce.guard_interval(),
                 event_namespace,
+                secret_refresh: std::time::Duration::from_millis(
+                    secret_refresh_interval_ms.max(100),
+                ),
             };
             run_until_stopped(|shutdown| async move {
                 let client = wgpin_crds::kube::Client::try_default().await.map_err(|e| {

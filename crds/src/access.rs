@@ -17,6 +17,9 @@ pub enum Scope {
     ReleaseNamespace,
     /// The namespace Events are written to (`--event-namespace`): a Role there.
     EventNamespace,
+    /// The namespaces chosen to hold preshared-key Secrets (the chart's
+    /// `agent.presharedKeySecretNamespaces`): a Role in each, none by default.
+    SecretNamespaces,
 }
 
 /// One RBAC rule: verbs on one resource.
@@ -156,6 +159,15 @@ pub const AGENT: &[Access] = &[
         resource_name: None,
         why: "Events on PinnedPeers for fail-closed actions",
     },
+    Access {
+        group: "",
+        resource: "secrets",
+        verbs: &["get"],
+        implied_verbs: &[],
+        scope: Scope::SecretNamespaces,
+        resource_name: None,
+        why: "preshared keys: only the Secrets its own node's state names, each read by name (never listed or watched), in the namespaces chosen for them (none by default)",
+    },
 ];
 
 /// Where [`generated_file`] goes, from the repository root.
@@ -292,9 +304,36 @@ mod tests {
             call("get", WGPIN, "pinnedpeers", Scope::Cluster, Some("laptop")),
         ];
         let problems = audit(AGENT, &calls, "");
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("not allowed") && problems[0].contains("pinnedpeers"));
         assert!(problems[1].contains("never used") && problems[1].contains("events"));
+        assert!(problems[2].contains("never used") && problems[2].contains("secrets"));
+    }
+
+    #[test]
+    fn secrets_are_read_by_name_by_the_agent_only_and_only_where_chosen() {
+        let secret = |verb, scope| call(verb, "", "secrets", scope, Some("laptop-psk"));
+        assert!(allowing(AGENT, &secret("get", Scope::SecretNamespaces), "").is_some());
+        for verb in ["list", "watch", "create", "update", "patch", "delete"] {
+            assert!(
+                allowing(AGENT, &secret(verb, Scope::SecretNamespaces), "").is_none(),
+                "{verb}"
+            );
+        }
+        for scope in [
+            Scope::Cluster,
+            Scope::ReleaseNamespace,
+            Scope::EventNamespace,
+        ] {
+            assert!(
+                allowing(AGENT, &secret("get", scope), "").is_none(),
+                "{scope:?}"
+            );
+        }
+        assert!(
+            OPERATOR.iter().all(|rule| rule.resource != "secrets"),
+            "the operator never reads a Secret"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::{
 use ipnet::IpNet;
 use wgpin_crds::{
     EnforcementState, InterfaceStatus, PeerEnforcementStatus, PinnedNodeStateSpec, ResolvedMode,
-    SecretKeySelector, WireGuardKey,
+    WireGuardKey,
     k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp},
 };
 
@@ -30,6 +30,7 @@ use super::{
 };
 use crate::{
     fastpath::{Attachment, BpfPaths, FastPath, FastPathError, HookChoice, Op, SlotTable},
+    secrets::{SecretSource, SecretsDir},
     wireguard::{
         Backend, DeviceConfig, DeviceState, PeerChange, SecretKey, diff_peers,
         endpoints_outside_pins,
@@ -47,7 +48,8 @@ pub struct DataPlaneConfig {
     pub hook: HookChoice,
     /// Kernel WireGuard or a userspace implementation.
     pub backend: Arc<Backend>,
-    /// Standalone mode's stand-in for Secrets: `<dir>/<namespace>/<name>/<key>`.
+    /// Standalone mode's stand-in for Secrets: `<dir>/<namespace>/<name>/<key>`. In-cluster
+    /// mode reads the Secrets instead ([`DataPlane::set_secret_source`]).
     pub secrets_dir: Option<PathBuf>,
 }
 
@@ -124,6 +126,8 @@ pub struct DataPlane {
     rtnl: rtnetlink::Handle,
     book: Bookkeeping,
     keys: BTreeMap<String, SecretKey>,
+    /// Where preshared keys come from: `secrets_dir` unless a mode sets another source.
+    secrets: Arc<dyn SecretSource>,
     plan: NodePlan,
     /// Peers are out of WireGuard because the fast path could not be verified.
     withdrawn: bool,
@@ -158,6 +162,7 @@ impl DataPlane {
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
         let rtnl = links::connect().map_err(DataPlaneError::Setup)?;
+        let secrets = Arc::new(SecretsDir::new(config.secrets_dir.clone()));
         Ok(Self {
             config,
             fast_path,
@@ -165,6 +170,7 @@ impl DataPlane {
             rtnl,
             book,
             keys: BTreeMap::new(),
+            secrets,
             plan: NodePlan::default(),
             withdrawn: false,
             last_good: BTreeMap::new(),
@@ -175,6 +181,12 @@ impl DataPlane {
 
     pub fn fast_path(&self) -> &FastPath {
         &self.fast_path
+    }
+
+    /// Takes preshared keys from `source` from the next reconcile on (in-cluster mode: the
+    /// Secrets read from the API server).
+    pub fn set_secret_source(&mut self, source: Arc<dyn SecretSource>) {
+        self.secrets = source;
     }
 
     /// What this node can do: kernel or userspace WireGuard, and whether identity mode's hook
@@ -275,10 +287,10 @@ impl DataPlane {
         spec: &PinnedNodeStateSpec,
         capabilities: &NodeCapabilities,
     ) -> Result<Writes, DataPlaneError> {
-        let secrets_dir = self.config.secrets_dir.clone();
-        let resolve =
-            move |reference: &SecretKeySelector| read_secret(secrets_dir.as_ref(), reference);
-        let plan = plan_node(spec, capabilities, &mut self.book.slots, &resolve);
+        let secrets = self.secrets.clone();
+        let plan = plan_node(spec, capabilities, &mut self.book.slots, &|reference| {
+            secrets.preshared_key(reference)
+        });
         let mut writes = Writes::default();
         self.journal.clear();
         let wanted: BTreeMap<&str, &DeviceSpec> = plan
@@ -640,25 +652,4 @@ fn timestamp(at: SystemTime, _now: SystemTime) -> Option<Time> {
     Timestamp::from_second(i64::try_from(since.as_secs()).ok()?)
         .ok()
         .map(Time)
-}
-
-fn read_secret(dir: Option<&PathBuf>, reference: &SecretKeySelector) -> Result<SecretKey, String> {
-    let Some(dir) = dir else {
-        return Err(format!(
-            "preshared key Secret {}/{} is not available: standalone mode reads Secrets from --secrets-dir",
-            reference.namespace, reference.name
-        ));
-    };
-    let path = dir
-        .join(&reference.namespace)
-        .join(&reference.name)
-        .join(&reference.key);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("preshared key {}: {e}", path.display()))?;
-    SecretKey::from_base64(&text).ok_or_else(|| {
-        format!(
-            "{} does not hold a preshared key (`wg genpsk` output)",
-            path.display()
-        )
-    })
 }

@@ -4,7 +4,7 @@
 use std::{
     fmt,
     io::Write as _,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::Path,
 };
 
@@ -82,13 +82,19 @@ impl SecretKey {
         ))
     }
 
-    /// Reads the key at `path`, or generates one and stores it there (mode 0600) when there is
-    /// none. A key file that others can read is refused rather than used.
+    /// Reads the key at `path`, or generates one and stores it there (mode 0600, in a directory
+    /// of mode 0700) when there is none. A key file that others can read is refused rather
+    /// than used.
     pub fn load_or_generate(path: &Path) -> Result<Self, KeyError> {
         let io = |source| KeyError::Io {
             path: path.display().to_string(),
             source,
         };
+        // The directory too: no one else may even list the keys (an agent before this one
+        // left it 0755).
+        if let Some(dir) = path.parent() {
+            private_dir(dir).map_err(io)?;
+        }
         match std::fs::metadata(path) {
             Ok(metadata) => {
                 let mode = metadata.permissions().mode() & 0o777;
@@ -107,9 +113,6 @@ impl SecretKey {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = Self::generate()?;
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(io)?;
-                }
                 let mut encoded = STANDARD.encode(key.0);
                 let written = std::fs::OpenOptions::new()
                     .write(true)
@@ -127,6 +130,20 @@ impl SecretKey {
             Err(e) => Err(io(e)),
         }
     }
+}
+
+/// Creates `dir` (and its parents) for keys, or closes an existing one: mode 0700, so only
+/// its owner (root) can list or enter it.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -163,6 +180,8 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
+        let dir_mode = |p: &Path| std::fs::metadata(p).expect("dir").permissions().mode() & 0o777;
+        assert_eq!(dir_mode(&dir.path().join("keys")), 0o700);
         let second = SecretKey::load_or_generate(&path).expect("read back");
         assert_eq!(first, second);
 

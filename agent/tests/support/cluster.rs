@@ -11,6 +11,7 @@ use std::{
 };
 
 use serde_json::Value;
+use wgpin_agent::wireguard::SecretKey;
 use wgpin_crds::{
     PinnedInterface, PinnedPeer,
     k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp},
@@ -42,6 +43,11 @@ pub struct AgentPaths {
 
 impl Agent {
     pub fn start(lan: &Lan, paths: &AgentPaths) -> Self {
+        Self::start_with(lan, paths, &[], "info")
+    }
+
+    /// With `extra` arguments of `wgpin-agent cluster` and `rust_log` as its RUST_LOG.
+    pub fn start_with(lan: &Lan, paths: &AgentPaths, extra: &[&str], rust_log: &str) -> Self {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -65,8 +71,9 @@ impl Agent {
                 "--metrics-addr",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .env("KUBECONFIG", &paths.kubeconfig)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -245,6 +252,61 @@ impl Loop {
         Agent::start(&self.lan, &self.paths)
     }
 
+    /// An agent with `extra` arguments and `rust_log` as its RUST_LOG.
+    pub fn agent_with(&self, extra: &[&str], rust_log: &str) -> Agent {
+        Agent::start_with(&self.lan, &self.paths, extra, rust_log)
+    }
+
+    /// Fails when a key shows up where it must not: the node's private keys under the state
+    /// directory (their modes checked on the way) and `more`, in every encoding, searched in
+    /// the agent's log (all its runs), this process's logs (the operator's), every API object
+    /// but Secrets (statuses and Events included) and the agent's metrics.
+    pub fn assert_no_key_leaks(
+        &self,
+        agent: &Agent,
+        logs: &CapturedLogs,
+        more: Vec<(String, SecretKey)>,
+    ) {
+        let mut keys = node_keys(&self.paths.state);
+        keys.extend(more);
+        let metrics = agent
+            .metrics_address()
+            .map(|address| http_get_in(&self.lan.gateway_ns, address, "/metrics"))
+            .unwrap_or_default();
+        assert!(metrics.contains("wgpin_"), "no metrics scraped: {metrics}");
+        let process_logs = logs.text();
+        assert!(
+            process_logs.contains("wgpin_operator"),
+            "the operator's logs were not captured"
+        );
+        assert_no_key_leaks(
+            &keys,
+            &[
+                ("the agent's log", agent.log()),
+                ("the operator's logs", process_logs),
+                ("the API's objects", self.api_objects_but_secrets()),
+                ("the agent's metrics", metrics),
+            ],
+        );
+    }
+
+    /// Every object the API server holds except Secrets (which hold preshared keys on purpose),
+    /// statuses and Events included, as JSON text.
+    pub fn api_objects_but_secrets(&self) -> String {
+        let objects: Vec<Value> = self
+            .server
+            .objects()
+            .into_iter()
+            .filter(|(resource, _)| !(resource.group.is_empty() && resource.plural == "secrets"))
+            .map(|(_, object)| object)
+            .collect();
+        assert!(
+            objects.iter().any(|o| o["kind"] == "Event"),
+            "the API holds Events to search"
+        );
+        serde_json::to_string(&objects).expect("json")
+    }
+
     pub fn apply(&self, yaml: &str) {
         self.runtime.block_on(kubectl_apply(&self.client, yaml));
     }
@@ -256,4 +318,122 @@ impl Drop for Loop {
             let _ = stop.send(());
         }
     }
+}
+
+/// What this process logs from the first call on, the in-process operator's logs included (the
+/// agent logs to its own file). Installs the process's global subscriber once; later calls share
+/// it.
+pub fn capture_logs() -> CapturedLogs {
+    static LOGS: std::sync::OnceLock<CapturedLogs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = CapturedLogs(Arc::new(std::sync::Mutex::new(Vec::new())));
+        let sink = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "debug,hyper=info,hyper_util=info,tower=info,h2=info",
+            ))
+            .with_writer(move || sink.clone())
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
+/// The logs [`capture_logs`] collects.
+#[derive(Clone)]
+pub struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    pub fn text(&self) -> String {
+        let bytes = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The ways a key could be written out: base64 (the padding cut off, so a key without it is
+/// found too), URL-safe base64, hex in either case (WireGuard's UAPI), and the bytes as Rust's
+/// Debug prints them (decimal, and hex with `{:x?}`).
+pub fn key_encodings(key: &SecretKey) -> Vec<(&'static str, String)> {
+    use base64::{
+        Engine as _,
+        engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+    };
+    let bytes = key.as_bytes();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    vec![
+        ("base64", STANDARD.encode(bytes)[..43].to_string()),
+        ("base64url", URL_SAFE_NO_PAD.encode(bytes)),
+        ("hex", hex.clone()),
+        ("HEX", hex.to_uppercase()),
+        ("bytes", format!("{bytes:?}")),
+        ("bytes in hex", format!("{bytes:x?}")),
+    ]
+}
+
+/// Fails naming each key (by what it is, never its value), encoding and place where a key
+/// shows up. Every place must hold something, so that an empty scrape cannot pass for a clean
+/// one.
+pub fn assert_no_key_leaks(keys: &[(String, SecretKey)], places: &[(&str, String)]) {
+    assert!(!keys.is_empty(), "no keys to look for");
+    for (place, text) in places {
+        assert!(!text.trim().is_empty(), "nothing captured from {place}");
+    }
+    let mut found = Vec::new();
+    for (what, key) in keys {
+        for (encoding, written) in key_encodings(key) {
+            for (place, text) in places {
+                if text.contains(&written) {
+                    found.push(format!("{what}, in {encoding}, is in {place}"));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "keys leaked:\n{}", found.join("\n"));
+}
+
+/// The node's private keys (`<state>/keys/*.key`), after checking that every file under
+/// `<state>/keys` (the kept preshared keys too) is mode 0600 and the directory 0700.
+pub fn node_keys(state: &std::path::Path) -> Vec<(String, SecretKey)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = state.join("keys");
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    let mut keys = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("the node's keys") {
+        let path = entry.expect("entry").path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        if path.extension().is_some_and(|e| e == "key") {
+            let text = std::fs::read_to_string(&path).expect("key");
+            keys.push((
+                format!("node private key {}", path.display()),
+                SecretKey::from_base64(&text).expect("a key"),
+            ));
+        }
+    }
+    assert!(!keys.is_empty(), "no key under {}", dir.display());
+    keys
 }

@@ -172,6 +172,10 @@ def main():
             want.add(("RoleBinding", events_ns, f"{full}-{component}-events"))
         want.add(("Role", namespace, f"{full}-operator-leader-election"))
         want.add(("RoleBinding", namespace, f"{full}-operator-leader-election"))
+        # One Role per namespace chosen for preshared-key Secrets; none by default.
+        for secrets_ns in ag.get("presharedKeySecretNamespaces") or []:
+            want.add(("Role", secrets_ns, f"{full}-agent-secrets"))
+            want.add(("RoleBinding", secrets_ns, f"{full}-agent-secrets"))
     monitoring = values.get("monitoring") or {}
     if (monitoring.get("serviceMonitor") or {}).get("enabled"):
         want.add(("ServiceMonitor", namespace, f"{full}-operator"))
@@ -375,22 +379,26 @@ def check_rbac(objects, values, namespace, full):
     # the chart and the code cannot drift apart.
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "access.json")) as f:
         access = json.load(f)
+    secret_namespaces = values["agent"].get("presharedKeySecretNamespaces") or []
+    # The Roles each scope's rules go to (SecretNamespaces: one per namespace, none by default).
     role_of = {
-        ("operator", "Cluster"): ("ClusterRole", None, f"{full}-operator"),
-        ("operator", "ReleaseNamespace"): ("Role", namespace, f"{full}-operator-leader-election"),
-        ("operator", "EventNamespace"): ("Role", events_ns, f"{full}-operator-events"),
-        ("agent", "Cluster"): ("ClusterRole", None, f"{full}-agent"),
-        ("agent", "EventNamespace"): ("Role", events_ns, f"{full}-agent-events"),
+        ("operator", "Cluster"): [("ClusterRole", None, f"{full}-operator")],
+        ("operator", "ReleaseNamespace"): [("Role", namespace, f"{full}-operator-leader-election")],
+        ("operator", "EventNamespace"): [("Role", events_ns, f"{full}-operator-events")],
+        ("agent", "Cluster"): [("ClusterRole", None, f"{full}-agent")],
+        ("agent", "EventNamespace"): [("Role", events_ns, f"{full}-agent-events")],
+        ("agent", "SecretNamespaces"): [("Role", ns, f"{full}-agent-secrets") for ns in secret_namespaces],
     }
-    want = {key: set() for key in role_of.values()}
+    want = {key: set() for keys in role_of.values() for key in keys}
     for component in ("operator", "agent"):
         for entry in access[component]:
-            key = role_of.get((component, entry["scope"]))
-            if key is None:
+            keys = role_of.get((component, entry["scope"]))
+            if keys is None:
                 problem(f"access.json: no Role for the {component}'s {entry['scope']} rules")
                 continue
             names = [lease if entry["resourceName"] == "{leaseName}" else entry["resourceName"]] if entry["resourceName"] else []
-            want[key].add(rule([entry["group"]], [entry["resource"]], entry["verbs"] + entry["impliedVerbs"], names))
+            for key in keys:
+                want[key].add(rule([entry["group"]], [entry["resource"]], entry["verbs"] + entry["impliedVerbs"], names))
     for key, rules in want.items():
         role = objects.get(key)
         if role is None:

@@ -439,6 +439,20 @@ impl FakeApiServer {
         state.history.clear();
     }
 
+    /// Every object stored (status included), with its resource: for tests that search them
+    /// all.
+    pub fn objects(&self) -> Vec<(Resource, Value)> {
+        self.lock()
+            .objects
+            .iter()
+            .flat_map(|(resource, collection)| {
+                collection
+                    .values()
+                    .map(move |object| (resource.clone(), object.clone()))
+            })
+            .collect()
+    }
+
     /// An object, as stored.
     pub fn get(&self, resource: &Resource, namespace: Option<&str>, name: &str) -> Option<Value> {
         let key = ObjectKey {
