@@ -119,6 +119,53 @@ fn connect_laptop(
     wireguard
 }
 
+/// The phone's PinnedPeer: its own key, pinned to the attacker's address (so that address passes
+/// the fast path on a shared port).
+fn phone_peer(phone: &SecretKey) -> String {
+    format!(
+        "---\napiVersion: wgpin.io/v1alpha1\nkind: PinnedPeer\nmetadata: {{name: phone}}\n\
+         spec: {{interface: gateway, publicKey: \"{}\", allowedIPs: [198.51.100.3/32], sources: [{ATTACKER_IP}/32]}}\n",
+        phone.public_key()
+    )
+}
+
+/// The attacker's wireguard-go with a copy of `stolen`, pointed at the gateway; returns its
+/// device name and process.
+fn start_attacker(
+    net: &VmNet,
+    stolen: &SecretKey,
+    gateway_key: &str,
+    endpoint: &str,
+) -> (String, WireguardGo) {
+    let device = format!("wva{}", net.id);
+    let process = peer_device(
+        &net.attacker_ns,
+        &device,
+        stolen,
+        gateway_key,
+        endpoint,
+        "198.51.100.2",
+    );
+    (device, process)
+}
+
+/// Waits up to 10 s for an agent log line containing `needle`; returns the matching lines.
+fn agent_logs_within_10s(vm: &mut Vm, needle: &str, what: &str) -> String {
+    let found = vm.sh_timeout(
+        &format!(
+            "for i in $(seq 1 100); do\n\
+             grep '{needle}' {} && exit 0\n\
+             sleep 0.1\n\
+             done\n\
+             exit 1",
+            GuestAgent::LOG
+        ),
+        Duration::from_secs(20),
+    );
+    assert_eq!(found.status, 0, "{what}:\n{}", GuestAgent::log(vm));
+    found.text
+}
+
 /// The value of the agent's metric `name` (a series without labels).
 fn metric(vm: &mut Vm, name: &str) -> f64 {
     let metrics = GuestAgent::metrics(vm);
@@ -178,15 +225,7 @@ fn without_wgpin_kernel_wireguard_hands_the_session_to_a_stolen_key() {
     assert!(gateway_pings_the_laptop(vm), "the tunnel works");
 
     // The attacker, with a copy of the laptop's key, from its own address.
-    let attacker_device = format!("wva{}", net.id);
-    let _attacker = peer_device(
-        &net.attacker_ns,
-        &attacker_device,
-        &laptop,
-        &gateway_key,
-        &endpoint,
-        "198.51.100.2",
-    );
+    let (attacker_device, _attacker) = start_attacker(&net, &laptop, &gateway_key, &endpoint);
     send_through_tunnel(&net.attacker_ns, 1);
     assert!(
         endpoint_becomes(
@@ -280,15 +319,7 @@ fn dedicated_mode_with_kernel_wireguard_refuses_a_stolen_key_and_survives_kill_9
     let laptop_endpoint = laptop_endpoint();
     assert!(gateway_pings_the_laptop(vm), "the tunnel works");
 
-    let attacker_device = format!("wva{}", net.id);
-    let _attacker = peer_device(
-        &net.attacker_ns,
-        &attacker_device,
-        &laptop,
-        &gateway_key,
-        &endpoint,
-        "198.51.100.2",
-    );
+    let (attacker_device, _attacker) = start_attacker(&net, &laptop, &gateway_key, &endpoint);
     send_through_tunnel(&net.attacker_ns, 3);
     // Time for the attacker's handshake, and for its retry (wireguard-go retries after 5 s).
     assert!(
@@ -418,52 +449,25 @@ fn shared_mode_with_kernel_wireguard_evicts_a_stolen_key_from_another_peers_addr
         SecretKey::generate().expect("key"),
         SecretKey::generate().expect("key"),
     );
-    let phone_peer = format!(
-        "---\napiVersion: wgpin.io/v1alpha1\nkind: PinnedPeer\nmetadata: {{name: phone}}\n\
-         spec: {{interface: gateway, publicKey: \"{}\", allowedIPs: [198.51.100.3/32], sources: [{ATTACKER_IP}/32]}}\n",
-        phone.public_key()
-    );
     let device = "wgv0";
-    let (gateway_key, port) = start_agent(vm, device, &manifests("Shared", &laptop, &phone_peer));
+    let (gateway_key, port) = start_agent(
+        vm,
+        device,
+        &manifests("Shared", &laptop, &phone_peer(&phone)),
+    );
     let endpoint = format!("{VM_IP}:{port}");
     let _laptop = connect_laptop(vm, &net, device, &laptop, &gateway_key, &endpoint);
     let laptop_endpoint = laptop_endpoint();
 
-    let attacker_device = format!("wva{}", net.id);
-    let _attacker = peer_device(
-        &net.attacker_ns,
-        &attacker_device,
-        &laptop,
-        &gateway_key,
-        &endpoint,
-        "198.51.100.2",
-    );
+    let (attacker_device, _attacker) = start_attacker(&net, &laptop, &gateway_key, &endpoint);
     let attacked = Instant::now();
     send_through_tunnel(&net.attacker_ns, 1);
-    let evicted = vm.sh_timeout(
-        &format!(
-            "for i in $(seq 1 100); do\n\
-             grep 'session evicted' {} && exit 0\n\
-             sleep 0.1\n\
-             done\n\
-             exit 1",
-            GuestAgent::LOG
-        ),
-        Duration::from_secs(20),
-    );
-    assert_eq!(
-        evicted.status,
-        0,
-        "the hijack is detected and evicted:\n{}",
-        GuestAgent::log(vm)
-    );
+    let evicted =
+        agent_logs_within_10s(vm, "session evicted", "the hijack is detected and evicted");
     assert!(
-        evicted.text.contains("peer=laptop")
-            && evicted
-                .text
-                .contains(&format!("endpoint={ATTACKER_IP}:40000")),
-        "{}",
-        evicted.text
+        evicted.contains("peer=laptop")
+            && evicted.contains(&format!("endpoint={ATTACKER_IP}:40000")),
+        "{evicted}"
     );
     println!(
         "attacker's first packet to the eviction seen in the log: {:?} (polled every 100 ms)",
@@ -525,14 +529,10 @@ fn identity_mode_refuses_a_stolen_key_from_another_peers_address_on_a_shared_por
         SecretKey::generate().expect("key"),
         SecretKey::generate().expect("key"),
     );
-    let phone_peer = format!(
-        "---\napiVersion: wgpin.io/v1alpha1\nkind: PinnedPeer\nmetadata: {{name: phone}}\n\
-         spec: {{interface: gateway, publicKey: \"{}\", allowedIPs: [198.51.100.3/32], sources: [{ATTACKER_IP}/32]}}\n",
-        phone.public_key()
-    );
     let device = "wgv0";
     // Auto: the node takes the strongest mode it supports, Identity on this kernel.
-    let (gateway_key, port) = start_agent(vm, device, &manifests("Auto", &laptop, &phone_peer));
+    let (gateway_key, port) =
+        start_agent(vm, device, &manifests("Auto", &laptop, &phone_peer(&phone)));
     let log = GuestAgent::log(vm);
     assert!(
         log.contains("identity mode: session hook attached")
@@ -552,39 +552,17 @@ fn identity_mode_refuses_a_stolen_key_from_another_peers_address_on_a_shared_por
 
     // A ping every 100 ms across the attack: the laptop's session must carry on.
     vm.ok("ping -q -c 80 -i 0.1 -W 5 198.51.100.2 > /run/ping.txt 2>&1 &\necho $! > /run/ping.pid");
-    let attacker_device = format!("wva{}", net.id);
-    let _attacker = peer_device(
-        &net.attacker_ns,
-        &attacker_device,
-        &laptop,
-        &gateway_key,
-        &endpoint,
-        "198.51.100.2",
-    );
+    let (attacker_device, _attacker) = start_attacker(&net, &laptop, &gateway_key, &endpoint);
     let attacked = Instant::now();
     send_through_tunnel(&net.attacker_ns, 3);
-    let refused = vm.sh_timeout(
-        &format!(
-            "for i in $(seq 1 100); do\n\
-             grep 'answer dropped, no session' {} && exit 0\n\
-             sleep 0.1\n\
-             done\n\
-             exit 1",
-            GuestAgent::LOG
-        ),
-        Duration::from_secs(20),
-    );
-    assert_eq!(
-        refused.status,
-        0,
-        "the stolen key's handshake is refused and reported:\n{}",
-        GuestAgent::log(vm)
+    let refused = agent_logs_within_10s(
+        vm,
+        "answer dropped, no session",
+        "the stolen key's handshake is refused and reported",
     );
     assert!(
-        refused.text.contains("peer=laptop")
-            && refused.text.contains(&format!("source={ATTACKER_IP}")),
-        "the violation is the laptop's, from the attacker's address: {}",
-        refused.text
+        refused.contains("peer=laptop") && refused.contains(&format!("source={ATTACKER_IP}")),
+        "the violation is the laptop's, from the attacker's address: {refused}"
     );
     println!(
         "attacker's first packet to the refusal in the log: {:?}",

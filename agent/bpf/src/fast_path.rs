@@ -97,8 +97,9 @@ pub fn wgpin_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
-#[classifier]
-pub fn wgpin_tc(ctx: TcContext) -> i32 {
+/// The headers of a TC packet made linear (up to [`TC_PULL_LEN`]), and the packet's length.
+#[inline(always)]
+fn linear_headers(ctx: &TcContext) -> (Data, u32) {
     let len = ctx.len();
     let linear = (ctx.data_end() - ctx.data()) as u32;
     let wanted = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
@@ -110,6 +111,12 @@ pub fn wgpin_tc(ctx: TcContext) -> i32 {
         start: ctx.data(),
         end: ctx.data_end(),
     };
+    (data, len)
+}
+
+#[classifier]
+pub fn wgpin_tc(ctx: TcContext) -> i32 {
+    let (data, len) = linear_headers(&ctx);
     match decide(&data, len) {
         // TCX_NEXT: let any later tcx program have its say.
         Verdict::Pass => TC_ACT_UNSPEC,
@@ -124,16 +131,7 @@ pub fn wgpin_tc(ctx: TcContext) -> i32 {
 /// carries an index the session hook has tied to the peer.
 #[classifier]
 pub fn wgpin_tc_egress(ctx: TcContext) -> i32 {
-    let len = ctx.len();
-    let linear = (ctx.data_end() - ctx.data()) as u32;
-    let wanted = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
-    if linear < wanted {
-        let _ = ctx.pull_data(wanted);
-    }
-    let data = Data {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
+    let (data, len) = linear_headers(&ctx);
     match check_egress(&data, len) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT as i32,
