@@ -18,6 +18,10 @@ if [ "${1:-}" = "--test" ]; then
     ensure_helm
     # The Argo CD health checks (Lua) run through a real interpreter (scripts/test-gitops.sh).
     ensure_apt lua5.4
+    # The flood test (agent/tests/flood.rs) floods with trafgen, bounded by timeout.
+    ensure_apt netsniff-ng coreutils
+    # The fault tests detach the fast path's link as an intruder would (bpftool link detach).
+    ensure_apt bpftool
     # The kernel-VM tier: QEMU and what builds its image from Debian packages (tests/vm/).
     ensure_vm_tools
 fi

@@ -787,24 +787,12 @@ pub async fn run(
     let mut synced = [false; 4];
     tokio::pin!(shutdown);
     let mut backoff = Duration::ZERO;
-    let mut pending = true;
+    // When the next pass is due. A change makes it due one debounce later unless it already is
+    // sooner: changes that follow join that pass instead of pushing it back, so a steady stream
+    // of them (agents reporting) cannot hold passes back. A failure makes it due after the
+    // backoff, and changes do not bring that forward.
+    let mut due_at = tokio::time::Instant::now() + settings.debounce;
     loop {
-        let wait = if !backoff.is_zero() {
-            backoff
-        } else if pending {
-            settings.debounce
-        } else {
-            // Held-back Events are due before the resync, perhaps.
-            let due = controller.next_due().map(|due| {
-                let now = now();
-                Duration::from_millis(
-                    u64::try_from(due.0.as_millisecond() - now.0.as_millisecond()).unwrap_or(0),
-                )
-            });
-            due.map_or(settings.resync, |due| {
-                due.clamp(settings.debounce, settings.resync)
-            })
-        };
         // No pass before every cache holds a full listing: a partial view would delete states.
         let all_synced = synced.iter().all(|s| *s);
         tokio::select! {
@@ -826,10 +814,12 @@ pub async fn run(
                         tracing::warn!("watching {} failed (retrying): {error}", KINDS[index]);
                     }
                 }
-                pending = true;
+                if backoff.is_zero() {
+                    due_at = due_at.min(tokio::time::Instant::now() + settings.debounce);
+                }
                 continue;
             }
-            () = tokio::time::sleep(wait), if all_synced => {}
+            () = tokio::time::sleep_until(due_at), if all_synced => {}
         }
         let snapshot = Snapshot {
             interfaces: interfaces.state(),
@@ -848,7 +838,17 @@ pub async fn run(
         match controller.pass(&snapshot, now()).await {
             Ok(report) => {
                 backoff = Duration::ZERO;
-                pending = false;
+                // Held-back Events are due before the resync, perhaps.
+                let due = controller.next_due().map(|due| {
+                    let now = now();
+                    Duration::from_millis(
+                        u64::try_from(due.0.as_millisecond() - now.0.as_millisecond()).unwrap_or(0),
+                    )
+                });
+                due_at = tokio::time::Instant::now()
+                    + due.map_or(settings.resync, |due| {
+                        due.clamp(settings.debounce, settings.resync)
+                    });
                 ready.store(true, Ordering::Relaxed);
                 if report.writes() > 0 {
                     tracing::info!(
@@ -863,6 +863,7 @@ pub async fn run(
             }
             Err(error) => {
                 backoff = (backoff * 2).clamp(Duration::from_secs(1), settings.max_backoff);
+                due_at = tokio::time::Instant::now() + backoff;
                 tracing::error!(retry_in = ?backoff, "pass failed: {error}");
             }
         }

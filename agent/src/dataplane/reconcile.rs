@@ -27,6 +27,7 @@ use wgpin_crds::{
 use super::{
     links,
     plan::{DeviceSpec, NodeCapabilities, NodePlan, plan_node},
+    ports,
 };
 use crate::{
     fastpath::{Attachment, BpfPaths, FastPath, FastPathError, HookChoice, Op, SlotTable},
@@ -381,6 +382,12 @@ impl DataPlane {
         for device in plan.devices.iter() {
             let key = self.key(&device.interface)?;
             if !self.config.backend.exists(&device.device) {
+                // Written down before it exists: an agent killed from here on still knows the
+                // device is its own, and deletes it when it is no longer wanted (it would
+                // otherwise be left with its port, its process and, once written, its peers).
+                if self.book.devices.insert(device.device.clone()) {
+                    self.save()?;
+                }
                 self.config
                     .backend
                     .create(&self.rtnl, &device.device)
@@ -411,6 +418,10 @@ impl DataPlane {
                 self.config
                     .backend
                     .set(&device.device, &settings, &changes)
+                    .map_err(|e| match settings.listen_port {
+                        Some(port) => ports::explain_listen_error(e, port),
+                        None => e,
+                    })
                     .map_err(DataPlaneError::Setup)?;
                 writes.wireguard +=
                     changes.len() + usize::from(settings != DeviceConfig::default());
@@ -541,6 +552,13 @@ impl DataPlane {
     }
 
     fn reattach(&mut self) {
+        match self.fast_path.repin_maps() {
+            Ok(repinned) if !repinned.is_empty() => {
+                tracing::warn!(maps = ?repinned, "the fast path's maps were unpinned or replaced: pinned them again")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "the fast path's maps cannot be pinned again"),
+        }
         if self.fast_path.identity_enabled()
             && let Err(why) = self.fast_path.enable_identity()
         {

@@ -758,6 +758,34 @@ impl FastPath {
         Verification { problems }
     }
 
+    /// Pins this agent's maps again where their pins are gone or hold other maps (someone
+    /// removed or replaced them). The attached programs use this agent's maps whatever the pins
+    /// say, but [`FastPath::verify`] fails until the pins are right again, and the next agent
+    /// adopts what is pinned. Returns the maps it pinned again.
+    pub fn repin_maps(&self) -> Result<Vec<&'static str>, FastPathError> {
+        ensure_dir(&self.paths.maps())?;
+        let mut repinned = Vec::new();
+        for (name, id) in &self.maps.ids {
+            let path = self.paths.map(name);
+            if MapInfo::from_pin(&path).is_ok_and(|info| info.id() == *id) {
+                continue;
+            }
+            // Whatever holds the name now (another map, anything) goes first.
+            let _ = std::fs::remove_file(&path);
+            MapData::from_id(*id)
+                .map_err(map_err(format!(
+                    "opening this agent's map {name} (id {id})"
+                )))?
+                .pin(&path)
+                .map_err(|e| FastPathError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            repinned.push(*name);
+        }
+        Ok(repinned)
+    }
+
     /// Whether identity mode's hook is attached (by this agent).
     pub fn identity_enabled(&self) -> bool {
         self.session_hook.is_some()
@@ -982,6 +1010,39 @@ impl FastPath {
                 value.peer_slot,
             );
         }
+        Ok(state)
+    }
+
+    /// What the ports map and the allowlists pinned under `paths` hold, read without loading
+    /// or pinning anything: for an observer beside a running agent (a test, a debugging tool),
+    /// which must not touch the pins the agent manages.
+    pub fn read_pinned(paths: &BpfPaths) -> Result<FastPathState, FastPathError> {
+        let open = |name: &'static str| {
+            let path = paths.map(name);
+            MapData::from_pin(&path)
+                .and_then(aya::maps::Map::from_map_data)
+                .map_err(map_err(format!(
+                    "opening the pinned map {}",
+                    path.display()
+                )))
+        };
+        let ports: HashMap<MapData, PortKey, PortEntry> =
+            HashMap::try_from(open(maps::PORTS)?).map_err(map_err(maps::PORTS))?;
+        let hosts_v4: HashMap<MapData, AllowV4, AllowEntry> =
+            HashMap::try_from(open(maps::HOSTS_V4)?).map_err(map_err(maps::HOSTS_V4))?;
+        let hosts_v6: HashMap<MapData, AllowV6, AllowEntry> =
+            HashMap::try_from(open(maps::HOSTS_V6)?).map_err(map_err(maps::HOSTS_V6))?;
+        let allow_v4: LpmTrie<MapData, AllowV4, AllowEntry> =
+            LpmTrie::try_from(open(maps::ALLOW_V4)?).map_err(map_err(maps::ALLOW_V4))?;
+        let allow_v6: LpmTrie<MapData, AllowV6, AllowEntry> =
+            LpmTrie::try_from(open(maps::ALLOW_V6)?).map_err(map_err(maps::ALLOW_V6))?;
+        let mut state = FastPathState::default();
+        for entry in ports.iter() {
+            let (key, value) = entry.map_err(map_err("reading the ports map"))?;
+            state.ports.insert(key.port(), value);
+        }
+        read_pins(&hosts_v4, &allow_v4, &mut state.pins)?;
+        read_pins(&hosts_v6, &allow_v6, &mut state.pins)?;
         Ok(state)
     }
 

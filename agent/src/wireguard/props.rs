@@ -445,22 +445,37 @@ fn uapi_link_local_endpoint_with_a_zone_name_reads() {
     }
 }
 
-/// An endpoint WireGuard reports in an aliasing form of an IPv4 address is judged as the IPv6
-/// address it literally is: an IPv4 pin never contains it (the peer is evicted, never let
-/// through), and neither does a NAT64 or IPv4-compatible form.
+/// An endpoint WireGuard reports in an aliasing form of an IPv4 address is judged as the
+/// address its packets came from. The IPv4-mapped form is what a dual-stack socket reports for
+/// IPv4 traffic (Linux drops IPv6 packets whose source is IPv4-mapped, and the fast path
+/// checked those packets as IPv4), so it is the IPv4 address (`inside_pin` since a31e939):
+/// inside an IPv4 pin that holds it, and never inside an IPv6 pin that merely contains the
+/// mapped spelling (`::/64` does). NAT64 and IPv4-compatible forms are the IPv6 addresses they
+/// literally are: an IPv4 pin never contains them.
 #[test]
-fn endpoints_in_aliasing_forms_are_outside_an_ipv4_pin() {
-    let pin: Vec<IpNet> = vec!["192.0.2.2/32".parse().expect("net")];
+fn endpoints_in_aliasing_forms_are_judged_as_the_address_they_carry() {
+    let v4_pin: Vec<IpNet> = vec!["192.0.2.2/32".parse().expect("net")];
+    let v6_pin: Vec<IpNet> = vec!["::/64".parse().expect("net")];
+    let mapped: SocketAddr = "[::ffff:192.0.2.2]:51820".parse().expect("addr");
+    assert!(inside_pin(&mapped, &v4_pin));
+    assert!(v6_pin[0].contains(&mapped.ip()), "the spelling is inside");
+    assert!(!inside_pin(&mapped, &v6_pin), "the address is not");
+    assert!(!inside_pin(
+        &"[::ffff:192.0.2.3]:51820".parse().expect("addr"),
+        &v4_pin
+    ));
     for endpoint in [
-        "[::ffff:192.0.2.2]:51820",
         "[::c000:202]:51820",
         "[64:ff9b::c000:202]:51820",
         "[::ffff:0:c000:202]:51820",
     ] {
         let endpoint: SocketAddr = endpoint.parse().expect("addr");
-        assert!(!inside_pin(&endpoint, &pin), "{endpoint}");
+        assert!(!inside_pin(&endpoint, &v4_pin), "{endpoint}");
     }
-    assert!(inside_pin(&"192.0.2.2:51820".parse().expect("addr"), &pin));
+    assert!(inside_pin(
+        &"192.0.2.2:51820".parse().expect("addr"),
+        &v4_pin
+    ));
 }
 
 // ---- generic netlink ----
