@@ -1399,3 +1399,45 @@ fn pinned_maps_of_another_layout_are_refused_with_a_reason() {
     drop(config);
     fast_path.remove_all().expect("clean up");
 }
+
+/// tcx runs its programs in order, and a program before wgpin's that accepts a packet for good
+/// (`TC_ACT_OK`) takes it past the pin. wgpin attaches itself first, and a program that gets
+/// ahead of it afterwards is a verification problem (the guard withdraws the peers, attaches
+/// first again and restores them).
+#[test]
+fn a_program_ahead_of_ours_in_the_tcx_chain_is_a_problem() {
+    let pair = Pair::new();
+    let (ours, other) = (TestRoot::new(), TestRoot::new());
+    let (server_ns, interface) = (pair.server_ns.clone(), pair.server_if.clone());
+    let (ours_paths, other_paths) = (ours.paths(), other.paths());
+    let (before, ahead, again) = in_netns(&server_ns, move || {
+        let mut fast_path = FastPath::open(ours_paths).expect("fast path loads");
+        fast_path
+            .attach(&interface, HookChoice::Tc)
+            .expect("attaches");
+        let before = fast_path.verify().problems;
+        // Another tcx user attaches later and asks to be first.
+        let mut intruder = FastPath::open(other_paths).expect("another fast path loads");
+        intruder
+            .attach(&interface, HookChoice::Tc)
+            .expect("attaches first");
+        let ahead = fast_path.verify().problems;
+        // What the guard does: attach again, first.
+        fast_path.detach(&interface);
+        fast_path
+            .attach(&interface, HookChoice::Tc)
+            .expect("attaches again");
+        let again = fast_path.verify().problems;
+        intruder.remove_all().expect("clean up");
+        fast_path.remove_all().expect("clean up");
+        (before, ahead, again)
+    });
+    assert!(before.is_empty(), "{before:?}");
+    assert!(
+        ahead
+            .iter()
+            .any(|p| p.starts_with("tc on") && p.contains("run before wgpin's in the tcx chain")),
+        "{ahead:?}"
+    );
+    assert!(again.is_empty(), "first again: {again:?}");
+}

@@ -1542,7 +1542,7 @@ fn a_taken_port_is_reported_with_its_owner_and_used_once_free() {
     let log = agent.log();
     let report = log
         .lines()
-        .find(|l| l.contains("reconcile failed"))
+        .find(|l| l.contains("reconcile failed") && l.contains(&PORT.to_string()))
         .expect("the report");
     println!("the agent says: {report}");
     assert!(

@@ -577,7 +577,7 @@ impl FastPath {
         let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_EGRESS)?;
         let what = format!("attaching TC egress to {interface}");
         let id = tc
-            .attach(interface, TcAttachType::Egress)
+            .attach_with_options(interface, TcAttachType::Egress, first_in_tcx())
             .map_err(prog_err(what.clone()))?;
         let link = tc.take_link(id).map_err(prog_err(what.clone()))?;
         let link = FdLink::try_from(link).map_err(|_| FastPathError::Attach {
@@ -705,7 +705,7 @@ impl FastPath {
         let tc: &mut SchedClassifier = program(&mut self.ebpf, programs::TC)?;
         let what = format!("attaching TC ingress to {interface}");
         let id = tc
-            .attach(interface, TcAttachType::Ingress)
+            .attach_with_options(interface, TcAttachType::Ingress, first_in_tcx())
             .map_err(prog_err(what.clone()))?;
         let link = tc.take_link(id).map_err(prog_err(what.clone()))?;
         FdLink::try_from(link).map_err(|_| FastPathError::Attach {
@@ -955,11 +955,26 @@ impl FastPath {
                 } else {
                     TcAttachType::Egress
                 };
-                SchedClassifier::query_tcx(interface, direction)
+                let chain = SchedClassifier::query_tcx(interface, direction)
                     .map_err(|e| format!("cannot query tcx: {e}"))?
-                    .1
-                    .iter()
-                    .any(|p| p.id() == program_id)
+                    .1;
+                match chain.iter().position(|p| p.id() == program_id) {
+                    // A program before ours decides first: whatever it passes on for good
+                    // (TC_ACT_OK) never meets the pin.
+                    Some(at) if at > 0 => {
+                        let ahead: Vec<String> = chain[..at]
+                            .iter()
+                            .map(|p| {
+                                format!("{} ({})", p.id(), p.name_as_str().unwrap_or("unnamed"))
+                            })
+                            .collect();
+                        return Err(format!(
+                            "program(s) {} run before wgpin's in the tcx chain: what they accept skips the pin; wgpin attaches itself first again",
+                            ahead.join(", ")
+                        ));
+                    }
+                    found => found.is_some(),
+                }
             }
         };
         if !attached {
@@ -1435,6 +1450,11 @@ fn read_pins<K: AllowData>(
         }
     }
     Ok(())
+}
+
+/// tcx order for wgpin's programs: first in the chain, so nothing before them decides a packet.
+fn first_in_tcx() -> aya::programs::tc::TcAttachOptions {
+    aya::programs::tc::TcAttachOptions::TcxOrder(aya::programs::links::LinkOrder::first())
 }
 
 /// Every map already pinned under `paths` has the layout this agent's object declares: aya
