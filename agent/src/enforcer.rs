@@ -370,6 +370,37 @@ impl Enforcer {
                 self.metrics.observe_counters(interface, peer, &counters);
             }
         }
+        // A shared port's packets that name no peer (drops from unknown sources, passes by a
+        // prefix several peers share): the port's counts less its peers', as `peer=""`.
+        for device in &self.dataplane.plan().devices {
+            if device.mode == wgpin_crds::ResolvedMode::Dedicated {
+                continue;
+            }
+            let fast_path = self.dataplane.fast_path();
+            let Some(port) = self.dataplane.slots().ports.get(&device.listen_port) else {
+                continue;
+            };
+            let Ok(mut rest) = fast_path.port_counters(*port) else {
+                continue;
+            };
+            for peer in &device.peers {
+                let counted = self
+                    .dataplane
+                    .slots()
+                    .peers
+                    .get(&peer.name)
+                    .and_then(|slot| fast_path.peer_counters(*slot).ok());
+                if let Some(counted) = counted {
+                    rest.allowed_packets =
+                        rest.allowed_packets.saturating_sub(counted.allowed_packets);
+                    rest.allowed_bytes = rest.allowed_bytes.saturating_sub(counted.allowed_bytes);
+                    rest.dropped_packets =
+                        rest.dropped_packets.saturating_sub(counted.dropped_packets);
+                    rest.dropped_bytes = rest.dropped_bytes.saturating_sub(counted.dropped_bytes);
+                }
+            }
+            self.metrics.observe_counters(&device.interface, "", &rest);
+        }
         if let Ok(global) = self.dataplane.fast_path().global_counters() {
             self.metrics
                 .observe_events(global.events_rate_limited, global.events_lost);

@@ -236,6 +236,13 @@ fn a_spoofed_flood_reaches_no_socket_while_the_pinned_laptop_works_and_roams_ins
         "the agent's lost metric\n{}",
         context()
     );
+    // A shared port's drops name no peer: the agent exports them as `peer=""`.
+    assert_eq!(
+        delta(r#"wgpin_fastpath_packets_total{interface="gateway",peer="",verdict="dropped"}"#),
+        dropped as f64,
+        "the unattributed drops in /metrics against the fast path's\n{}",
+        context()
+    );
 
     // Logs and metrics stay bounded.
     let (lines, summaries, most) = violation_lines(&log);
