@@ -172,3 +172,15 @@ ensure_netns_tools() {
 ensure_vm_tools() {
     ensure_apt qemu-system-x86 busybox-static kmod cpio xz-utils zstd
 }
+
+CARGO_FUZZ_VERSION=0.13.2
+# ensure_cargo_fuzz: cargo-fuzz for the fuzz targets (fuzz/, scripts/fuzz.sh), built from
+# crates.io once (under a minute); the targets themselves build with nightly (ensure_ebpf_toolchain).
+ensure_cargo_fuzz() {
+    if [ "$(cargo fuzz --version 2>/dev/null | awk '{print $2}')" != "$CARGO_FUZZ_VERSION" ]; then
+        step "building cargo-fuzz $CARGO_FUZZ_VERSION (under a minute, once)"
+        # Outside the repository, so its rust-toolchain.toml does not apply.
+        (cd / && cargo +"$RUST_TOOLCHAIN" install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION") ||
+            die "building cargo-fuzz failed"
+    fi
+}

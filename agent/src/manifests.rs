@@ -15,7 +15,7 @@ use std::{
 use serde_json::Value;
 use wgpin_crds::{
     PinnedInterface, PinnedPeer,
-    admission::Admission,
+    admission::{Admission, prune_nulls},
     kube::ResourceExt,
     validate::{FieldError, decode},
 };
@@ -122,6 +122,9 @@ pub fn load_dir(dir: &Path) -> Result<(Manifests, Vec<ManifestError>), LoadError
                 fail(label, field_errors);
                 continue;
             }
+            // What the API server would store: nulls pruned.
+            let mut document = document;
+            prune_nulls(&mut document);
             if !seen.insert((kind.clone(), name.clone())) {
                 fail(
                     label,
@@ -245,6 +248,22 @@ mod tests {
         assert!(errors[0].to_string().contains("b.yaml"), "{}", errors[0]);
         assert_eq!(errors[0].errors[0].field, "metadata.name");
         assert_eq!(errors[1].errors[0].field, "<yaml>");
+    }
+
+    /// A field left empty in YAML is a null: no value, as `kubectl apply` takes it (found by
+    /// fuzzing: the interface was refused with "invalid type: null, expected a sequence").
+    #[test]
+    fn an_empty_field_is_no_value() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "interface.yaml",
+            "apiVersion: wgpin.io/v1alpha1\nkind: PinnedInterface\nmetadata: {name: gateway}\n\
+             spec:\n  nodeSelector: {}\n  interfaceName: wgpin0\n  listenPort: 51820\n  addresses:\n  mtu:\n",
+        );
+        let (manifests, errors) = load_dir(dir.path()).expect("directory loads");
+        assert!(errors.is_empty(), "{errors:#?}");
+        assert!(manifests.interfaces[0].spec.addresses.is_empty());
     }
 
     #[test]

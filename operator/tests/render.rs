@@ -403,3 +403,68 @@ fn output_does_not_depend_on_input_order() {
         [("edge".to_string(), vec!["e".to_string()])]
     );
 }
+
+/// Hostile objects on one shared port: pins that overlap (a /24 holding another peer's /25)
+/// and the same prefix on two peers are no conflict (only tunnel prefixes are): every peer is
+/// rendered with exactly the sources it wrote, never another's. A name of 253 characters and
+/// a name in Unicode (which the API server would refuse) are rendered as they are, never a
+/// crash; aliasing spellings of an IPv4 address are refused with the field that holds them.
+#[test]
+fn overlapping_and_shared_pins_render_each_peer_with_its_own_sources() {
+    let interfaces = [gateway("  mode: Shared\n  listenPort: 51820\n")];
+    let long = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    let mut peers = vec![
+        peer("a", 1, KEY_A, "198.51.100.2/32", ""),
+        peer(&long, 2, KEY_B, "198.51.100.3/32", ""),
+        peer("ünïcode", 3, KEY_C, "198.51.100.4/32", ""),
+        peer("mapped", 4, KEY_D, "198.51.100.5/32", ""),
+        peer("zeros", 5, KEY_E, "198.51.100.6/32", ""),
+    ];
+    // The fixture pins 203.0.113.0/24; these replace it.
+    let own = [
+        vec!["203.0.113.0/24"],
+        vec!["203.0.113.0/25", "192.0.2.0/24"],
+        vec!["192.0.2.0/24", "2001:db8:40::/48", "::c000:201/128"],
+        vec!["::ffff:192.0.2.1/128"],
+        vec!["192.000.002.001/32"],
+    ];
+    for (peer, list) in peers.iter_mut().zip(&own) {
+        peer.spec.sources = list.iter().map(ToString::to_string).collect();
+    }
+    let rendered = render(&interfaces, &peers, &nodes(), &PortAssignments::new());
+    assert_eq!(
+        problems(&rendered),
+        [
+            ("mapped".to_string(), ProblemReason::InvalidSpec),
+            ("zeros".to_string(), ProblemReason::InvalidSpec),
+        ]
+    );
+    assert!(
+        rendered.problems[0].message.contains("spec.sources[0]")
+            && rendered.problems[0].message.contains("IPv4-mapped"),
+        "{}",
+        rendered.problems[0].message
+    );
+    for node in ["gw-a", "gw-b"] {
+        let state = &rendered.nodes[node];
+        let peers: BTreeMap<&str, &Vec<String>> = state.interfaces[0]
+            .peers
+            .iter()
+            .map(|p| (p.name.as_str(), &p.sources))
+            .collect();
+        assert_eq!(peers.len(), 3, "{node}: {peers:?}");
+        for (name, list) in [
+            ("a", &own[0]),
+            (long.as_str(), &own[1]),
+            ("ünïcode", &own[2]),
+        ] {
+            assert_eq!(peers[name], list, "{node}: {name}'s own sources");
+        }
+    }
+}

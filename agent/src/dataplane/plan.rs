@@ -119,6 +119,27 @@ pub fn dedicated_device_name(interface: &RenderedInterface, port: u16) -> String
     )
 }
 
+/// Longest link name Linux takes (`IFNAMSIZ` less the terminating NUL).
+const LINK_NAME_MAX_LEN: usize = 15;
+
+/// Why `name` cannot be a WireGuard device's link name, if it cannot: the rule of
+/// `PinnedInterface.spec.interfaceName` (a letter, then letters, digits, '_' or '-'), at most
+/// what Linux takes. The rendered state is input (from the API server or a file): a name the
+/// operator never renders (253 characters, Unicode, a path) is a clear condition here rather
+/// than a netlink error half-way through an apply.
+fn link_name_problem(name: &str) -> Option<String> {
+    let usable = name.len() <= LINK_NAME_MAX_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    (!usable).then(|| {
+        format!(
+            "{name:?} is not a usable WireGuard device name: 1 to {LINK_NAME_MAX_LEN} characters, a letter first, then letters, digits, '_' or '-'"
+        )
+    })
+}
+
 /// Plans the node. `preshared_key` resolves a Secret reference (a peer whose key cannot be
 /// found is not enforced rather than run without it).
 pub fn plan_node(
@@ -134,6 +155,12 @@ pub fn plan_node(
         plan.modes.insert(interface.name.clone(), mode);
         if let Some(fallback) = fallback {
             plan.fallbacks.insert(interface.name.clone(), fallback);
+        }
+        if let Some(reason) = link_name_problem(&interface.interface_name) {
+            // Nothing of it runs: no port managed, no device, no peer live.
+            plan.problems
+                .push(Unenforceable::new(&interface.name, None, reason));
+            continue;
         }
         runnable.push(EnforcedInterface {
             rendered: interface,
@@ -181,9 +208,20 @@ pub fn plan_node(
                     let Some(port) = rendered.dedicated_port else {
                         continue;
                     };
+                    let device = dedicated_device_name(interface, port);
+                    if let Some(reason) = link_name_problem(&device) {
+                        // A port far past listenPort (hand-written state) makes the name too
+                        // long; its pin alone, without WireGuard, is harmless.
+                        plan.problems.push(Unenforceable::new(
+                            &interface.name,
+                            Some(&rendered.name),
+                            reason,
+                        ));
+                        continue;
+                    }
                     plan.devices.push(DeviceSpec {
                         interface: interface.name.clone(),
-                        device: dedicated_device_name(interface, port),
+                        device,
                         mode: enforced.mode,
                         listen_port: port,
                         // One host address per device: the subnet's route must not point at
@@ -456,5 +494,502 @@ mod tests {
                 .to_string()
                 .contains("Secret wgpin-system/bob-psk not found")
         );
+    }
+
+    // ---- hostile and huge objects, from the manifests through render to the maps ----
+
+    const C: &str = "gN65BkIKy1eCE9pP1wdc8ROUtkHLF2PfAqYdyYBz6EA=";
+    const D: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+
+    fn pinned_interface(spec: serde_json::Value) -> wgpin_crds::PinnedInterface {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "wgpin.io/v1alpha1", "kind": "PinnedInterface",
+            "metadata": {"name": "gateway"}, "spec": spec,
+        }))
+        .expect("interface")
+    }
+
+    fn pinned_peer(
+        name: &str,
+        key: &str,
+        allowed: &str,
+        sources: &[&str],
+    ) -> wgpin_crds::PinnedPeer {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "wgpin.io/v1alpha1", "kind": "PinnedPeer", "metadata": {"name": name},
+            "spec": {"interface": "gateway", "publicKey": key, "allowedIPs": [allowed], "sources": sources},
+        }))
+        .expect("peer")
+    }
+
+    /// Render (the operator's) for one node, then the node's plan.
+    fn render_and_plan(
+        interface: &wgpin_crds::PinnedInterface,
+        peers: &[wgpin_crds::PinnedPeer],
+        capabilities: &NodeCapabilities,
+    ) -> (
+        wgpin_operator::Rendered,
+        PinnedNodeStateSpec,
+        NodePlan,
+        SlotTable,
+    ) {
+        let node = wgpin_operator::NodeInfo {
+            name: "gw".into(),
+            labels: BTreeMap::new(),
+        };
+        let rendered = wgpin_operator::render(
+            std::slice::from_ref(interface),
+            peers,
+            &[node],
+            &wgpin_operator::PortAssignments::new(),
+        );
+        let spec = rendered.nodes.get("gw").cloned().unwrap_or_default();
+        let mut slots = SlotTable::default();
+        let plan = plan_node(&spec, capabilities, &mut slots, &|_| Err("none".into()));
+        (rendered, spec, plan, slots)
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().expect("net")).collect()
+    }
+
+    /// Three peers on one port whose pins overlap (alice's /24 holds bob's /25) and share a
+    /// prefix (bob's and carol's 192.0.2.0/24), in every mode: all three are rendered and
+    /// enforced, and each one's own allowlist is exactly its sources. `Dedicated`: its port's
+    /// pins; `Identity`: its per-peer pins; `Shared`: its pin for the endpoint check (the port
+    /// admits the union, a prefix belonging to a peer only when no other lists it).
+    #[test]
+    fn overlapping_pins_and_a_shared_prefix_stay_each_peers_own() {
+        use std::net::SocketAddr;
+
+        use wgpin_common::NO_PEER;
+
+        use crate::wireguard::inside_pin;
+
+        let own: [(&str, &str, &[&str]); 3] = [
+            ("alice", A, &["203.0.113.0/24"]),
+            ("bob", B, &["203.0.113.0/25", "192.0.2.0/24"]),
+            ("carol", C, &["192.0.2.0/24", "2001:db8:40::/48"]),
+        ];
+        let peers: Vec<wgpin_crds::PinnedPeer> = own
+            .iter()
+            .enumerate()
+            .map(|(i, (name, key, sources))| {
+                pinned_peer(name, key, &format!("198.51.100.{}/32", i + 2), sources)
+            })
+            .collect();
+        let kernel = NodeCapabilities {
+            kernel_wireguard: true,
+            identity: Ok(()),
+        };
+        for (mode, end, capabilities) in [
+            ("Shared", None, NodeCapabilities::default()),
+            ("Identity", None, kernel),
+            ("Dedicated", Some(51829), NodeCapabilities::default()),
+        ] {
+            let mut spec = serde_json::json!({"nodeSelector": {}, "interfaceName": "wgpin0", "listenPort": 51820, "mode": mode});
+            if let Some(end) = end {
+                spec["listenPortEnd"] = serde_json::json!(end);
+            }
+            let (rendered, _, plan, slots) =
+                render_and_plan(&pinned_interface(spec), &peers, &capabilities);
+            assert!(
+                rendered.problems.is_empty(),
+                "{mode}: {:?}",
+                rendered.problems
+            );
+            assert!(plan.problems.is_empty(), "{mode}: {:?}", plan.problems);
+            let specs: BTreeMap<&str, &PeerSpec> = plan
+                .devices
+                .iter()
+                .flat_map(|d| &d.peers)
+                .map(|p| (p.name.as_str(), p))
+                .collect();
+            assert_eq!(specs.len(), 3, "{mode}: every peer is live");
+            for (name, _, sources) in &own {
+                let sources = nets(sources);
+                assert_eq!(specs[name].pin, sources, "{mode}: {name}'s own pin");
+                let slot = slots.peers[*name];
+                let mine: BTreeSet<IpNet> = match mode {
+                    "Dedicated" => {
+                        let device = plan
+                            .devices
+                            .iter()
+                            .find(|d| d.peers[0].name == *name)
+                            .expect("a device of its own");
+                        assert_eq!(plan.fast_path.ports[&device.listen_port].peer_slot, slot);
+                        plan.fast_path
+                            .pins
+                            .iter()
+                            .filter(|(k, _)| k.port == device.listen_port)
+                            .map(|(k, entry)| {
+                                assert_eq!(entry.peer_slot, slot, "{name}'s port");
+                                k.prefix
+                            })
+                            .collect()
+                    }
+                    "Identity" => plan
+                        .fast_path
+                        .peer_pins
+                        .iter()
+                        .filter(|k| k.peer_slot == slot)
+                        .map(|k| k.prefix)
+                        .collect(),
+                    _ => specs[name].pin.iter().copied().collect(),
+                };
+                assert_eq!(mine, sources.into_iter().collect(), "{mode}: {name}");
+            }
+            if mode != "Dedicated" {
+                let on_port: BTreeMap<String, u32> = plan
+                    .fast_path
+                    .pins
+                    .iter()
+                    .map(|(k, e)| {
+                        assert_eq!(k.port, 51820);
+                        (k.prefix.to_string(), e.peer_slot)
+                    })
+                    .collect();
+                let expected: BTreeMap<String, u32> = [
+                    ("203.0.113.0/24", slots.peers["alice"]),
+                    ("203.0.113.0/25", slots.peers["bob"]),
+                    ("192.0.2.0/24", NO_PEER),
+                    ("2001:db8:40::/48", slots.peers["carol"]),
+                ]
+                .into_iter()
+                .map(|(p, s)| (p.to_string(), s))
+                .collect();
+                assert_eq!(
+                    on_port, expected,
+                    "{mode}: the union, shared prefixes to no one"
+                );
+            }
+            // Bob from inside alice's /24 but outside his /25: outside his own pin (evicted in
+            // Shared mode, his handshake answer dropped in Identity mode).
+            let roamed: SocketAddr = "203.0.113.200:40000".parse().expect("addr");
+            assert!(!inside_pin(&roamed, &specs["bob"].pin), "{mode}");
+            assert!(inside_pin(&roamed, &specs["alice"].pin), "{mode}");
+        }
+    }
+
+    /// Aliasing spellings of 192.0.2.1: the IPv4-mapped ones (any spelling), leading zeros, a
+    /// zero-padded length, upper case, are refused at render with a reason; canonical NAT64,
+    /// IPv4-compatible and IPv4-translated prefixes are IPv6 pins that never admit 192.0.2.1.
+    /// The same spellings in a hand-written node state (bypassing render) keep their peer out.
+    #[test]
+    fn aliasing_forms_never_admit_the_ipv4_address_they_alias() {
+        use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+        use crate::wireguard::inside_pin;
+
+        let aliased = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        let refused: [&str; 7] = [
+            "::ffff:192.0.2.1/128",
+            "0:0:0:0:0:ffff:c000:201/128",
+            "::FFFF:C000:201/128",
+            "::ffff:0:0/96",
+            "192.000.002.001/32",
+            "192.0.2.1/024",
+            "::192.0.2.1/128",
+        ];
+        let mut peers = vec![pinned_peer(
+            "v6",
+            A,
+            "198.51.100.2/32",
+            &[
+                "::c000:201/128",
+                "64:ff9b::c000:201/128",
+                "::ffff:0:c000:201/128",
+            ],
+        )];
+        let keys = [B, C, D];
+        for (i, source) in refused.iter().enumerate() {
+            peers.push(pinned_peer(
+                &format!("alias-{i}"),
+                keys[i % 3],
+                &format!("198.51.100.{}/32", i + 10),
+                &[source],
+            ));
+        }
+        let interface = pinned_interface(
+            serde_json::json!({"nodeSelector": {}, "interfaceName": "wgpin0", "listenPort": 51820, "mode": "Shared"}),
+        );
+        let (rendered, spec, plan, _) =
+            render_and_plan(&interface, &peers, &NodeCapabilities::default());
+        for (i, source) in refused.iter().enumerate() {
+            let problem = rendered
+                .problems
+                .iter()
+                .find(|p| p.name == format!("alias-{i}"))
+                .unwrap_or_else(|| panic!("{source} not refused"));
+            assert_eq!(problem.reason, wgpin_operator::ProblemReason::InvalidSpec);
+            assert!(
+                problem.message.contains("spec.sources[0]"),
+                "{}",
+                problem.message
+            );
+        }
+        let names: Vec<&str> = spec.interfaces[0]
+            .peers
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["v6"]);
+        assert!(
+            !plan
+                .fast_path
+                .pins
+                .keys()
+                .any(|k| k.prefix.contains(&aliased))
+        );
+        assert!(
+            plan.fast_path
+                .pins
+                .keys()
+                .all(|k| k.prefix.addr().is_ipv6())
+        );
+        let pin = &plan.devices[0].peers[0].pin;
+        for endpoint in ["192.0.2.1:51820", "[::ffff:192.0.2.1]:51820"] {
+            let endpoint: SocketAddr = endpoint.parse().expect("addr");
+            assert!(!inside_pin(&endpoint, pin), "{endpoint}");
+        }
+
+        // The same spellings straight into a node state: each peer is left out, with why.
+        let mut hostile = spec.clone();
+        let template = hostile.interfaces[0].peers[0].clone();
+        for (i, source) in refused.iter().enumerate() {
+            let mut peer = template.clone();
+            peer.name = format!("alias-{i}");
+            peer.sources = vec![source.to_string()];
+            hostile.interfaces[0].peers.push(peer);
+        }
+        let plan = plan_node(
+            &hostile,
+            &NodeCapabilities::default(),
+            &mut SlotTable::default(),
+            &|_| Err("none".into()),
+        );
+        let left_out: BTreeSet<&str> = plan
+            .problems
+            .iter()
+            .filter_map(|p| p.peer.as_deref())
+            .collect();
+        assert_eq!(left_out.len(), refused.len(), "{:?}", plan.problems);
+        assert!(
+            !plan
+                .fast_path
+                .pins
+                .keys()
+                .any(|k| k.prefix.contains(&aliased))
+        );
+        let live: Vec<&str> = plan.devices[0]
+            .peers
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(live, ["v6"]);
+    }
+
+    /// Names the operator never renders, in a node state: a device name of 253 characters, in
+    /// Unicode or with a slash leaves its interface out with why; a dedicated port so far past
+    /// the listen port that the device name grows past 15 characters leaves that peer out.
+    /// Peer names of 253 characters or in Unicode are only labels: planned as they are.
+    #[test]
+    fn hostile_names_in_a_node_state_are_a_clear_condition() {
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        let mut spec = PinnedNodeStateSpec {
+            node_name: "gw".into(),
+            interfaces: Vec::new(),
+        };
+        for (name, device) in [
+            ("long", long.as_str()),
+            ("unicode", "wgpïn0"),
+            ("path", "wg/0"),
+            ("empty", ""),
+        ] {
+            let mut bad = interface(PinMode::Shared, None, vec![rendered_peer(name, A, None)]);
+            bad.name = name.into();
+            bad.interface_name = device.into();
+            bad.listen_port = 51800 + spec.interfaces.len() as u16;
+            spec.interfaces.push(bad);
+        }
+        let mut dedicated = interface(
+            PinMode::Dedicated,
+            Some(65535),
+            vec![
+                rendered_peer(&long, A, Some(51820)),
+                rendered_peer("günther", B, Some(65535)),
+            ],
+        );
+        dedicated.name = "dedicated".into();
+        dedicated.interface_name = "wgpin01234".into();
+        spec.interfaces.push(dedicated);
+        let plan = plan_node(
+            &spec,
+            &NodeCapabilities::default(),
+            &mut SlotTable::default(),
+            &|_| Err("none".into()),
+        );
+        let problems: Vec<(String, Option<String>)> = plan
+            .problems
+            .iter()
+            .map(|p| (p.interface.clone(), p.peer.clone()))
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                ("long".into(), None),
+                ("unicode".into(), None),
+                ("path".into(), None),
+                ("empty".into(), None),
+                ("dedicated".into(), Some("günther".into())),
+            ]
+        );
+        assert!(
+            plan.problems[1]
+                .reason
+                .contains("not a usable WireGuard device name"),
+            "{}",
+            plan.problems[1]
+        );
+        assert!(
+            plan.problems[4].reason.contains("wgpin01234-13715"),
+            "{}",
+            plan.problems[4]
+        );
+        assert_eq!(
+            plan.fast_path.ports.keys().copied().collect::<Vec<_>>(),
+            [51820, 65535]
+        );
+        let devices: Vec<(&str, &str)> = plan
+            .devices
+            .iter()
+            .map(|d| (d.device.as_str(), d.peers[0].name.as_str()))
+            .collect();
+        assert_eq!(devices, [("wgpin01234-0", long.as_str())]);
+    }
+
+    fn rss_kib() -> (u64, u64) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// A PinnedPeer with 10,000 sources: render refuses it (at most 256) with the count, fast.
+    /// A node state carrying such a peer anyway (the PinnedNodeState schema does not bound it;
+    /// hand-written or from a newer operator) is planned exactly: 10,000 pins, not one more, in
+    /// every mode. Time and memory are printed (`--nocapture`), not asserted.
+    #[test]
+    fn ten_thousand_sources_through_render_plan_and_fast_path() {
+        use std::time::Instant;
+
+        let sources: Vec<String> = (0..10_000u32)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let source_refs: Vec<&str> = sources.iter().map(String::as_str).collect();
+        let interface = pinned_interface(
+            serde_json::json!({"nodeSelector": {}, "interfaceName": "wgpin0", "listenPort": 51820, "listenPortEnd": 51829}),
+        );
+        let peers = [
+            pinned_peer("huge", A, "198.51.100.2/32", &source_refs),
+            pinned_peer("normal", B, "198.51.100.3/32", &["203.0.113.0/24"]),
+        ];
+        let (rss_before, _) = rss_kib();
+        let start = Instant::now();
+        let (rendered, spec, _, _) =
+            render_and_plan(&interface, &peers, &NodeCapabilities::default());
+        let render_time = start.elapsed();
+        let problem = rendered
+            .problems
+            .iter()
+            .find(|p| p.name == "huge")
+            .expect("refused");
+        assert!(
+            problem.message.contains("has 10000 entries, at most 256"),
+            "{}",
+            problem.message
+        );
+        assert_eq!(
+            spec.interfaces[0].peers.len(),
+            1,
+            "the normal peer is rendered"
+        );
+
+        // The same peer in a node state, as the agent may be handed it.
+        let mut hostile = spec.clone();
+        let mut huge = hostile.interfaces[0].peers[0].clone();
+        huge.name = "huge".into();
+        huge.public_key = A.into();
+        huge.sources = sources.clone();
+        huge.dedicated_port = Some(51829);
+        hostile.interfaces[0].peers.push(huge);
+        let state_bytes = serde_json::to_vec(&hostile).map(|v| v.len()).unwrap_or(0);
+        let kernel = NodeCapabilities {
+            kernel_wireguard: true,
+            identity: Ok(()),
+        };
+        for (mode, capabilities) in [
+            (PinMode::Dedicated, NodeCapabilities::default()),
+            (PinMode::Shared, NodeCapabilities::default()),
+            (PinMode::Identity, kernel),
+        ] {
+            hostile.interfaces[0].mode = mode;
+            let mut slots = SlotTable::default();
+            let start = Instant::now();
+            let plan = plan_node(&hostile, &capabilities, &mut slots, &|_| Err("none".into()));
+            let plan_time = start.elapsed();
+            assert!(plan.problems.is_empty(), "{mode:?}: {:?}", plan.problems);
+            assert_eq!(
+                plan.fast_path.pins.len(),
+                10_001,
+                "{mode:?}: exactly the pins"
+            );
+            let slot = slots.peers["huge"];
+            let huge_pins = plan
+                .fast_path
+                .pins
+                .values()
+                .filter(|e| e.peer_slot == slot)
+                .count();
+            assert_eq!(huge_pins, 10_000, "{mode:?}");
+            if mode == PinMode::Identity {
+                assert_eq!(plan.fast_path.peer_pins.len(), 10_001);
+            }
+            let pin = &plan
+                .devices
+                .iter()
+                .flat_map(|d| &d.peers)
+                .find(|p| p.name == "huge")
+                .expect("live")
+                .pin;
+            assert_eq!(pin.len(), 10_000);
+            let (rss, peak) = rss_kib();
+            // The maps' contents as the agent holds them: key and value of each pin, plus a
+            // B-tree's overhead (about a third more).
+            let entry = std::mem::size_of::<crate::fastpath::PinKey>()
+                + std::mem::size_of::<wgpin_common::AllowEntry>();
+            let state_kib =
+                (plan.fast_path.pins.len() + plan.fast_path.peer_pins.len()) * entry * 4 / 3 / 1024;
+            println!(
+                "10,000-source peer, {mode:?}: render (refuses it) {render_time:?}; plan and fast-path state {plan_time:?}; \
+                 node state {} KiB as JSON; fast-path state ~{state_kib} KiB; process RSS {} MiB (+{} MiB since the start of this test, peak {} MiB, all tests together)",
+                state_bytes / 1024,
+                rss / 1024,
+                rss.saturating_sub(rss_before) / 1024,
+                peak / 1024,
+            );
+        }
     }
 }

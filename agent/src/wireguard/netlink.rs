@@ -1,10 +1,11 @@
 //! Kernel WireGuard through generic netlink (the `wireguard` family): the same model as the
 //! UAPI backend, carried as `WG_CMD_GET_DEVICE` / `WG_CMD_SET_DEVICE` messages.
 //!
-//! The codec ([`set_messages`], [`device_from_replies`]) is pure and unit-tested; it splits a
-//! large change over several messages (a netlink message is bounded) without ever replacing a
-//! peer's allowed IPs twice. The client ([`Netlink`]) is a thin synchronous socket wrapper; it
-//! runs against kernel WireGuard in the kernel-VM tier.
+//! The codec ([`set_messages`], [`parse_datagram`], [`device_from_replies`]) is pure, unit- and
+//! property-tested, and fuzzed (`fuzz/`); it splits a large change over several messages (a
+//! netlink message is bounded) without ever replacing a peer's allowed IPs twice. The client
+//! ([`Netlink`]) is a thin synchronous socket wrapper; it runs against kernel WireGuard in the
+//! kernel-VM tier.
 
 use std::{
     collections::BTreeSet,
@@ -13,7 +14,10 @@ use std::{
 };
 
 use ipnet::IpNet;
-use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN,
+    NetlinkBuffer, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_generic::{
     GenlMessage,
     ctrl::{GenlCtrl, GenlCtrlCmd, nlas::GenlCtrlAttrs},
@@ -259,6 +263,135 @@ fn merge_peer(device: &mut DeviceState, peer: &WireguardPeer) {
     }
 }
 
+/// A reply [`parse_datagram`] reads. `check` looks at a message's payload (the generic-netlink
+/// header and the attributes) before the parsing library does, and refuses what would make it
+/// panic.
+pub trait Reply: netlink_packet_core::NetlinkDeserializable + std::fmt::Debug {
+    fn check(_payload: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl Reply for GenlMessage<GenlCtrl> {
+    /// netlink-packet-generic 0.5.0 reads the value of a policy attribute (`CTRL_ATTR_POLICY`,
+    /// `CTRL_ATTR_OP_POLICY`) as an attribute without checking its length, and panics on one
+    /// that claims more than it holds (found by fuzzing). The reply to a family lookup never
+    /// has one (they answer `CTRL_CMD_GETPOLICY`), so a reply with one is refused.
+    fn check(payload: &[u8]) -> Result<(), String> {
+        // From <linux/genetlink.h>.
+        const CTRL_ATTR_POLICY: u16 = 8;
+        const CTRL_ATTR_OP_POLICY: u16 = 9;
+        let family = payload.get(4..).unwrap_or_default();
+        if attributes(family)
+            .any(|(kind, _)| kind == CTRL_ATTR_POLICY || kind == CTRL_ATTR_OP_POLICY)
+        {
+            return Err("a family lookup's reply carries a policy (CTRL_ATTR_POLICY)".into());
+        }
+        Ok(())
+    }
+}
+
+impl Reply for GenlMessage<WireguardMessage> {
+    /// netlink-packet-wireguard 0.5.0 indexes the first byte of an allowed IP's prefix length
+    /// (`WGALLOWEDIP_A_CIDR_MASK`) without checking that it has one: an empty one (found by
+    /// fuzzing) panicked inside `NetlinkMessage::deserialize`.
+    fn check(payload: &[u8]) -> Result<(), String> {
+        // From <linux/wireguard.h>.
+        const WGDEVICE_A_PEERS: u16 = 8;
+        const WGPEER_A_ALLOWEDIPS: u16 = 9;
+        const WGALLOWEDIP_A_CIDR_MASK: u16 = 3;
+        let device = payload.get(4..).unwrap_or_default();
+        for peers in attributes_of_kind(device, WGDEVICE_A_PEERS) {
+            for (_, peer) in attributes(peers) {
+                for allowed_ips in attributes_of_kind(peer, WGPEER_A_ALLOWEDIPS) {
+                    for (_, allowed_ip) in attributes(allowed_ips) {
+                        if attributes_of_kind(allowed_ip, WGALLOWEDIP_A_CIDR_MASK)
+                            .any(<[u8]>::is_empty)
+                        {
+                            return Err(
+                                "an allowed IP has an empty prefix length (WGALLOWEDIP_A_CIDR_MASK)"
+                                    .into(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The netlink attributes in `bytes`, as (type without its flags, value), walked as
+/// netlink-packet-core walks them; the walk ends at the first malformed one (which the library
+/// refuses itself).
+fn attributes(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let (length, kind) = match bytes {
+            [l0, l1, t0, t1, ..] => (
+                usize::from(u16::from_le_bytes([*l0, *l1])),
+                u16::from_le_bytes([*t0, *t1]) & netlink_packet_core::NLA_TYPE_MASK,
+            ),
+            _ => return None,
+        };
+        let value = bytes.get(4..length)?;
+        bytes = bytes.get(length.next_multiple_of(4)..).unwrap_or_default();
+        Some((kind, value))
+    })
+}
+
+fn attributes_of_kind(bytes: &[u8], kind: u16) -> impl Iterator<Item = &[u8]> {
+    attributes(bytes).filter_map(move |(k, value)| (k == kind).then_some(value))
+}
+
+/// Reads one datagram of replies as [`Netlink`] receives them: each message's payload is added to
+/// `out`. `Ok(true)` ends the exchange (DONE ends a dump, the ACK a request), `Ok(false)` asks for
+/// the next datagram, and an error reply is [`NetlinkError::Refused`]. Pure, so that hostile
+/// replies are fuzzed through the code the client runs (`fuzz/fuzz_targets/netlink.rs`).
+pub fn parse_datagram<T: Reply>(
+    datagram: &[u8],
+    interface: &str,
+    dump: bool,
+    out: &mut Vec<T>,
+) -> Result<bool, NetlinkError> {
+    let mut rest = datagram;
+    while !rest.is_empty() {
+        let buffer = NetlinkBuffer::new_checked(rest).map_err(io)?;
+        // What the library hands to `T` (every type but its own four, 0 too).
+        if !matches!(
+            buffer.message_type(),
+            NLMSG_NOOP | NLMSG_ERROR | NLMSG_DONE | NLMSG_OVERRUN
+        ) {
+            T::check(buffer.payload())
+                .map_err(|reason| NetlinkError::Io(format!("malformed reply: {reason}")))?;
+        }
+        let message: NetlinkMessage<T> = NetlinkMessage::deserialize(rest).map_err(io)?;
+        let length = message.header.length as usize;
+        match message.payload {
+            NetlinkPayload::InnerMessage(inner) => out.push(inner),
+            NetlinkPayload::Done(_) => return Ok(true),
+            // An ACK (error code 0) ends a request; a dump ends with DONE instead.
+            NetlinkPayload::Error(error) if error.code.is_none() && !dump => return Ok(true),
+            NetlinkPayload::Error(error) if error.code.is_none() => {}
+            NetlinkPayload::Error(error) => {
+                // Not `error.to_io()`: it takes `abs` of the code, which overflows on i32::MIN
+                // (found by fuzzing).
+                let errno = error.code.map_or(0, |code| code.get()).saturating_abs();
+                return Err(NetlinkError::Refused {
+                    interface: interface.to_string(),
+                    message: std::io::Error::from_raw_os_error(errno).to_string(),
+                });
+            }
+            _ => {}
+        }
+        // `deserialize` checked that the length is at least a header and at most what is left.
+        match rest.get(length..) {
+            Some(next) if length > 0 => rest = next,
+            _ => break,
+        }
+    }
+    Ok(false)
+}
+
 /// A synchronous generic-netlink client for kernel WireGuard.
 pub struct Netlink {
     socket: Socket,
@@ -305,39 +438,14 @@ impl Netlink {
     }
 
     /// Reads replies until DONE (for dumps) or the ACK; returns the payloads.
-    fn receive<T>(&mut self, interface: &str, dump: bool) -> Result<Vec<T>, NetlinkError>
-    where
-        T: netlink_packet_core::NetlinkDeserializable + std::fmt::Debug,
-    {
+    fn receive<T: Reply>(&mut self, interface: &str, dump: bool) -> Result<Vec<T>, NetlinkError> {
         let mut out = Vec::new();
         let mut buffer = vec![0u8; 256 * 1024];
         loop {
             let size = self.socket.recv(&mut &mut buffer[..], 0).map_err(io)?;
-            let mut offset = 0;
-            while offset < size {
-                let message: NetlinkMessage<T> =
-                    NetlinkMessage::deserialize(&buffer[offset..size]).map_err(io)?;
-                let length = message.header.length as usize;
-                match message.payload {
-                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    // An ACK (error code 0) ends a request; a dump ends with DONE instead.
-                    NetlinkPayload::Error(error) if error.code.is_none() && !dump => {
-                        return Ok(out);
-                    }
-                    NetlinkPayload::Error(error) if error.code.is_none() => {}
-                    NetlinkPayload::Error(error) => {
-                        return Err(NetlinkError::Refused {
-                            interface: interface.to_string(),
-                            message: error.to_io().to_string(),
-                        });
-                    }
-                    _ => {}
-                }
-                if length == 0 {
-                    break;
-                }
-                offset += length;
+            let datagram = buffer.get(..size).unwrap_or(&buffer);
+            if parse_datagram(datagram, interface, dump, &mut out)? {
+                return Ok(out);
             }
         }
     }
@@ -602,6 +710,147 @@ mod tests {
             state.endpoint,
             Some("192.0.2.2:40000".parse().expect("addr"))
         );
+    }
+
+    /// A reply as the kernel sends it: the netlink header, then the generic-netlink message.
+    fn datagram(attributes: Vec<WireguardAttribute>, done: bool) -> Vec<u8> {
+        let mut reply = GenlMessage::from_payload(WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes,
+        });
+        reply.set_resolved_family_id(0x15);
+        let mut messages = vec![NetlinkMessage::from(reply)];
+        if done {
+            messages.push(NetlinkMessage::new(
+                Default::default(),
+                NetlinkPayload::Done(Default::default()),
+            ));
+        }
+        let mut out = Vec::new();
+        for mut message in messages {
+            message.finalize();
+            let mut bytes = vec![0; message.buffer_len()];
+            message.serialize(&mut bytes);
+            out.extend(bytes);
+        }
+        out
+    }
+
+    #[test]
+    fn a_dump_is_read_message_by_message_until_done() {
+        let peers = |ip: &str| {
+            WireguardAttribute::Peers(vec![WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(*key(3).as_bytes()),
+                WireguardPeerAttribute::AllowedIps(vec![allowed_ip(&ip.parse().expect("net"))]),
+            ])])
+        };
+        let mut replies: Vec<GenlMessage<WireguardMessage>> = Vec::new();
+        let first = datagram(vec![peers("198.51.100.2/32")], false);
+        assert!(!parse_datagram(&first, "wg0", true, &mut replies).expect("parses"));
+        let last = datagram(vec![peers("fd00:99::2/128")], true);
+        assert!(parse_datagram(&last, "wg0", true, &mut replies).expect("parses"));
+        let payloads: Vec<WireguardMessage> = replies.into_iter().map(|r| r.payload).collect();
+        assert_eq!(
+            device_from_replies(&payloads).peers[&key(3)]
+                .allowed_ips
+                .len(),
+            2
+        );
+    }
+
+    /// Found by fuzzing (`fuzz/`, target `netlink`): an allowed IP whose prefix length attribute
+    /// is empty made netlink-packet-wireguard 0.5.0 index past its end, a panic inside
+    /// `NetlinkMessage::deserialize` on the agent's reading of the device. It is refused as a
+    /// malformed reply, and the same reply with a prefix length still reads.
+    #[test]
+    fn an_empty_prefix_length_is_a_malformed_reply_not_a_panic() {
+        use netlink_packet_core::DefaultNla;
+        let reply = |cidr: Vec<u8>| {
+            datagram(
+                vec![WireguardAttribute::Peers(vec![WireguardPeer(vec![
+                    WireguardPeerAttribute::PublicKey(*key(3).as_bytes()),
+                    WireguardPeerAttribute::AllowedIps(vec![WireguardAllowedIp(vec![
+                        WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
+                        WireguardAllowedIpAttr::IpAddr("198.51.100.2".parse().expect("ip")),
+                        WireguardAllowedIpAttr::Other(DefaultNla::new(3, cidr)),
+                    ])]),
+                ])])],
+                true,
+            )
+        };
+        let mut replies: Vec<GenlMessage<WireguardMessage>> = Vec::new();
+        match parse_datagram(&reply(vec![]), "wg0", true, &mut replies) {
+            Err(NetlinkError::Io(message)) => assert!(
+                message.contains("malformed reply") && message.contains("WGALLOWEDIP_A_CIDR_MASK"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(replies.is_empty());
+        assert!(parse_datagram(&reply(vec![32]), "wg0", true, &mut replies).expect("parses"));
+        let payloads: Vec<WireguardMessage> = replies.into_iter().map(|r| r.payload).collect();
+        let allowed = &device_from_replies(&payloads).peers[&key(3)].allowed_ips;
+        assert_eq!(
+            allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["198.51.100.2/32"]
+        );
+    }
+
+    /// Found by fuzzing: a policy attribute in a family lookup's reply whose inner attribute
+    /// claims more bytes than it holds made netlink-packet-generic 0.5.0 slice past its end.
+    #[test]
+    fn a_policy_in_a_family_reply_is_a_malformed_reply_not_a_panic() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&28u32.to_le_bytes()); // length
+        bytes.extend_from_slice(&0x10u16.to_le_bytes()); // GENL_ID_CTRL
+        bytes.extend_from_slice(&[0; 10]); // flags, sequence, port
+        bytes.extend_from_slice(&[1, 2, 0, 0]); // CTRL_CMD_NEWFAMILY, version 2
+        bytes.extend_from_slice(&8u16.to_le_bytes());
+        bytes.extend_from_slice(&8u16.to_le_bytes()); // CTRL_ATTR_POLICY
+        bytes.extend_from_slice(&[0xff, 0x00, 0x01, 0x00]); // "255 bytes" in 4
+        let mut replies: Vec<GenlMessage<GenlCtrl>> = Vec::new();
+        // The family's id, and then 0: the library parses every type as the family's but its
+        // own four (NOOP, ERROR, DONE, OVERRUN), so the check must too (the fuzzer's second find).
+        for message_type in [0x10u16, 0] {
+            bytes[4..6].copy_from_slice(&message_type.to_le_bytes());
+            match parse_datagram(&bytes, "wireguard", false, &mut replies) {
+                Err(NetlinkError::Io(message)) => {
+                    assert!(message.contains("CTRL_ATTR_POLICY"), "{message}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Found by fuzzing: an error reply with the code i32::MIN overflowed in
+    /// `ErrorMessage::to_io` (`abs`), a panic where overflow is checked. It is a refusal that
+    /// prints.
+    #[test]
+    fn an_error_code_of_i32_min_is_a_refusal_not_a_panic() {
+        let mut error = netlink_packet_core::ErrorMessage::default();
+        error.code = std::num::NonZeroI32::new(i32::MIN);
+        let mut message: NetlinkMessage<GenlMessage<WireguardMessage>> =
+            NetlinkMessage::new(Default::default(), NetlinkPayload::Error(error));
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        let mut replies: Vec<GenlMessage<WireguardMessage>> = Vec::new();
+        match parse_datagram(&bytes, "wg0", false, &mut replies) {
+            Err(NetlinkError::Refused { interface, message }) => {
+                assert_eq!(interface, "wg0");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut refused = netlink_packet_core::ErrorMessage::default();
+        refused.code = std::num::NonZeroI32::new(-19);
+        let mut message: NetlinkMessage<GenlMessage<WireguardMessage>> =
+            NetlinkMessage::new(Default::default(), NetlinkPayload::Error(refused));
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        let error = parse_datagram(&bytes, "wg0", true, &mut replies).expect_err("refused");
+        assert!(error.to_string().contains("No such device"), "{error}");
     }
 
     /// A family lookup that succeeds ends: `nlctrl` exists on every kernel, so this runs the
