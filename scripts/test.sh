@@ -41,6 +41,8 @@ unit_tests() {
 check "format (cargo fmt --check)" cargo fmt --all -- --check
 check "lints (cargo clippy --all-targets -D warnings)" cargo clippy --workspace --all-targets --locked -- -D warnings
 check "unit and integration tests: API, render, fast path, WireGuard, data plane, standalone (cargo test)" unit_tests
+check "fuzzing: packet parser, UAPI and netlink replies, module BTF, manifests through render to the maps, 20 s per target (scripts/fuzz.sh)" \
+    "$WGPIN_ROOT/scripts/fuzz.sh" 20
 check "chart CRDs match the Rust types (crdgen --check)" cargo run --locked --quiet -p wgpin-crds --bin crdgen -- --check
 check "CRD manifests are valid CustomResourceDefinitions for Kubernetes 1.31 and 1.37 (kubernetes-validate)" \
     bash -c 'for v in 1.31.0 1.37.0; do "$0" --strict --quiet -k "$v" charts/wgpin/crds/*.yaml || exit 1; done' \
