@@ -8,10 +8,9 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Read as _,
     net::{SocketAddr, UdpSocket},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,7 +20,7 @@ use std::{
 
 use ipnet::IpNet;
 use support::{
-    GatewayCleanup, Lan,
+    GatewayCleanup, Lan, StandaloneAgent,
     cluster::{http_get_in, metric_value},
     in_netns, peer_device, run, unique_id, wait_for, wait_for_device,
 };
@@ -109,8 +108,16 @@ impl Node {
         std::fs::rename(&temporary, &file).expect("manifests in place");
     }
 
-    fn start_agent(&self, extra: &[&str]) -> Agent {
-        Agent::start(self, extra)
+    fn start_agent(&self, extra: &[&str]) -> StandaloneAgent {
+        let log = self.work.path().join("agent.log");
+        let common = ["--backend", "userspace", "--metrics-addr", METRICS];
+        let args: Vec<&str> = common.iter().chain(extra).copied().collect();
+        StandaloneAgent::start(
+            &self.lan,
+            (&self.dir(), &self.state(), &self.bpffs),
+            &log,
+            &args,
+        )
     }
 
     /// wireguard-go processes serving the device.
@@ -234,62 +241,6 @@ fn wireguard_go_pids(device: &str) -> Vec<u32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-/// `wgpin-agent standalone` in the gateway namespace, its log in a file (appended across
-/// restarts), killed on drop.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(node: &Node, extra: &[&str]) -> Self {
-        let log = node.work.path().join("agent.log");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        // nsenter keeps the mount namespace (and the bpffs on /sys/fs/bpf) that
-        // `ip netns exec` would replace.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", node.lan.gateway_ns))
-            .arg(env!("CARGO_BIN_EXE_wgpin-agent"))
-            .args(["standalone", "--dir"])
-            .arg(node.dir())
-            .args(["--node", "gateway"])
-            .args(["--underlay", &node.lan.gateway_if_client])
-            .args(["--underlay", &node.lan.gateway_if_attacker])
-            .arg("--state-dir")
-            .arg(node.state())
-            .arg("--bpffs-root")
-            .arg(&node.bpffs)
-            .args(["--backend", "userspace", "--metrics-addr", METRICS])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("agent starts");
-        Self { child, log }
-    }
-
-    fn kill_9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        let mut text = String::new();
-        let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text));
-        text
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
 }
 
 /// A peer as the manifests declare it.

@@ -4,78 +4,16 @@
 
 mod support;
 
-use std::{
-    io::Read as _,
-    net::UdpSocket,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{net::UdpSocket, time::Duration};
 
 use support::{
-    GatewayCleanup, Lan, in_netns, peer_device, run, unique_id, wait_for, wait_for_device,
+    GatewayCleanup, Lan, StandaloneAgent, in_netns, peer_device, run, unique_id, wait_for,
+    wait_for_device,
 };
+
+/// The agent's guard and resync, faster than their defaults, so the test is quick.
+const FAST_TICKS: &[&str] = &["--guard-interval-ms", "100", "--resync-interval-ms", "300"];
 use wgpin_agent::wireguard::{SecretKey, Uapi};
-
-struct Agent {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Agent {
-    fn start(lan: &Lan, dir: &Path, state: &Path, bpffs: &Path, log: &Path) -> Self {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        // nsenter keeps the mount namespace (and the bpffs on /sys/fs/bpf) that
-        // `ip netns exec` would replace.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lan.gateway_ns))
-            .arg(env!("CARGO_BIN_EXE_wgpin-agent"))
-            .args(["standalone", "--dir"])
-            .arg(dir)
-            .args([
-                "--node",
-                "gateway",
-                "--underlay",
-                &lan.gateway_if_client,
-                "--underlay",
-                &lan.gateway_if_attacker,
-            ])
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--bpffs-root")
-            .arg(bpffs)
-            .args(["--guard-interval-ms", "100", "--resync-interval-ms", "300"])
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("agent starts");
-        Self {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn kill_9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        let mut text = String::new();
-        let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text));
-        text
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
-}
 
 #[test]
 fn kill_9_and_restart_lose_no_packet_and_drift_is_repaired() {
@@ -108,7 +46,7 @@ fn kill_9_and_restart_lose_no_packet_and_drift_is_repaired() {
     )
     .expect("manifests");
 
-    let mut agent = Agent::start(&lan, &dir, &state, &bpffs, &log);
+    let mut agent = StandaloneAgent::start(&lan, (&dir, &state, &bpffs), &log, FAST_TICKS);
     let uapi = Uapi::default();
     let gateway_key = wait_for_device(&device, 1, Duration::from_secs(20));
     let _laptop_wg = peer_device(
@@ -155,7 +93,7 @@ fn kill_9_and_restart_lose_no_packet_and_drift_is_repaired() {
     std::thread::sleep(Duration::from_millis(800));
     agent.kill_9();
     std::thread::sleep(Duration::from_millis(500));
-    let mut agent = Agent::start(&lan, &dir, &state, &bpffs, &log);
+    let mut agent = StandaloneAgent::start(&lan, (&dir, &state, &bpffs), &log, FAST_TICKS);
     sender.join().expect("sender");
     let seen = reader.join().expect("reader");
     // The first datagram may be spent on the handshake; everything after it must arrive.

@@ -460,3 +460,65 @@ impl Drop for GatewayCleanup {
         let _ = std::fs::remove_dir_all(&self.bpffs);
     }
 }
+
+/// `wgpin-agent standalone` in `lan`'s gateway namespace with its two underlay interfaces, its
+/// stderr appended to `log`; `extra` arguments after the common ones. Killed (`kill -9`) on drop.
+pub struct StandaloneAgent {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl StandaloneAgent {
+    pub fn start(
+        lan: &Lan,
+        dirs: (&std::path::Path, &std::path::Path, &std::path::Path),
+        log: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
+        let (manifests, state, bpffs) = dirs;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        // nsenter keeps the mount namespace (and the bpffs on /sys/fs/bpf) that
+        // `ip netns exec` would replace.
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lan.gateway_ns))
+            .arg(env!("CARGO_BIN_EXE_wgpin-agent"))
+            .args(["standalone", "--dir"])
+            .arg(manifests)
+            .args(["--node", "gateway"])
+            .args(["--underlay", &lan.gateway_if_client])
+            .args(["--underlay", &lan.gateway_if_attacker])
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--bpffs-root")
+            .arg(bpffs)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("agent starts");
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for StandaloneAgent {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
