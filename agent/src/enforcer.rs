@@ -364,48 +364,41 @@ impl Enforcer {
     }
 
     fn update_metrics(&self) {
+        let fast_path = self.dataplane.fast_path();
         let (peers, _) = self.slot_names();
+        // Each peer's counters, read once: its own series, and its share of its port's.
+        let mut by_slot = BTreeMap::new();
         for (slot, (interface, peer)) in &peers {
-            if let Ok(counters) = self.dataplane.fast_path().peer_counters(*slot) {
+            if let Ok(counters) = fast_path.peer_counters(*slot) {
                 self.metrics.observe_counters(interface, peer, &counters);
+                by_slot.insert(*slot, counters);
             }
         }
         // A shared port's packets that name no peer (drops from unknown sources, passes by a
         // prefix several peers share): the port's counts less its peers', as `peer=""`.
+        let slots = self.dataplane.slots();
         for device in &self.dataplane.plan().devices {
             if device.mode == wgpin_crds::ResolvedMode::Dedicated {
                 continue;
             }
-            let fast_path = self.dataplane.fast_path();
-            let Some(port) = self.dataplane.slots().ports.get(&device.listen_port) else {
+            let Some(Ok(port)) = slots
+                .ports
+                .get(&device.listen_port)
+                .map(|slot| fast_path.port_counters(*slot))
+            else {
                 continue;
             };
-            let Ok(mut rest) = fast_path.port_counters(*port) else {
-                continue;
-            };
-            for peer in &device.peers {
-                let counted = self
-                    .dataplane
-                    .slots()
-                    .peers
-                    .get(&peer.name)
-                    .and_then(|slot| fast_path.peer_counters(*slot).ok());
-                if let Some(counted) = counted {
-                    rest.allowed_packets =
-                        rest.allowed_packets.saturating_sub(counted.allowed_packets);
-                    rest.allowed_bytes = rest.allowed_bytes.saturating_sub(counted.allowed_bytes);
-                    rest.dropped_packets =
-                        rest.dropped_packets.saturating_sub(counted.dropped_packets);
-                    rest.dropped_bytes = rest.dropped_bytes.saturating_sub(counted.dropped_bytes);
-                }
-            }
+            let rest = device
+                .peers
+                .iter()
+                .filter_map(|peer| by_slot.get(slots.peers.get(&peer.name)?))
+                .fold(port, |rest, counted| rest.saturating_sub(counted));
             self.metrics.observe_counters(&device.interface, "", &rest);
         }
-        if let Ok(global) = self.dataplane.fast_path().global_counters() {
+        if let Ok(global) = fast_path.global_counters() {
             self.metrics
                 .observe_events(global.events_rate_limited, global.events_lost);
         }
-        let fast_path = self.dataplane.fast_path();
         self.metrics
             .identity_available
             .set(i64::from(fast_path.identity_enabled()));

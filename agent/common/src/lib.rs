@@ -340,6 +340,15 @@ impl Counters {
         self.dropped_packets = self.dropped_packets.wrapping_add(other.dropped_packets);
         self.dropped_bytes = self.dropped_bytes.wrapping_add(other.dropped_bytes);
     }
+    /// What is left of these counts after `other`'s (never below zero).
+    pub fn saturating_sub(&self, other: &Self) -> Self {
+        Self {
+            allowed_packets: self.allowed_packets.saturating_sub(other.allowed_packets),
+            allowed_bytes: self.allowed_bytes.saturating_sub(other.allowed_bytes),
+            dropped_packets: self.dropped_packets.saturating_sub(other.dropped_packets),
+            dropped_bytes: self.dropped_bytes.saturating_sub(other.dropped_bytes),
+        }
+    }
 }
 
 /// What the programs count about themselves.
