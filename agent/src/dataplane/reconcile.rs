@@ -134,7 +134,8 @@ pub struct DataPlane {
     withdrawn: bool,
     /// Identity mode: each peer's last endpoint inside its pin, to put back when a handshake
     /// from elsewhere moved it (WireGuard moves it before the egress check drops the answer).
-    last_good: BTreeMap<(String, WireGuardKey), SocketAddr>,
+    /// By device; rebuilt at every guard tick, so peers and devices that are gone drop out.
+    last_good: BTreeMap<String, BTreeMap<WireGuardKey, SocketAddr>>,
     /// What the node can do, once probed ([`DataPlane::probe_capabilities`]).
     capabilities: Option<NodeCapabilities>,
     /// What the last reconcile changed, in order.
@@ -470,6 +471,7 @@ impl DataPlane {
             report.recovered = true;
             return report;
         }
+        let mut good_by_device = BTreeMap::new();
         for device in &self.plan.devices {
             let Some(state) = self.read_device(&device.device) else {
                 continue;
@@ -481,13 +483,15 @@ impl DataPlane {
                 .collect();
             let outside = endpoints_outside_pins(&state, &pins);
             let identity = device.mode == ResolvedMode::Identity;
+            let mut good = BTreeMap::new();
             if identity {
+                let mut before = self.last_good.remove(&device.device).unwrap_or_default();
                 for (key, peer) in &state.peers {
-                    if let Some(endpoint) = peer.endpoint
-                        && !outside.iter().any(|(k, _)| k == key)
-                    {
-                        self.last_good
-                            .insert((device.device.clone(), *key), endpoint);
+                    let inside = peer
+                        .endpoint
+                        .filter(|_| !outside.iter().any(|(k, _)| k == key));
+                    if let Some(endpoint) = inside.or_else(|| before.remove(key)) {
+                        good.insert(*key, endpoint);
                     }
                 }
             }
@@ -495,9 +499,7 @@ impl DataPlane {
                 let Some(peer) = device.peers.iter().find(|p| p.config.public_key == key) else {
                     continue;
                 };
-                let last_good = identity
-                    .then(|| self.last_good.get(&(device.device.clone(), key)).copied())
-                    .flatten();
+                let last_good = good.get(&key).copied();
                 let changes = match last_good {
                     // Identity mode: the egress check let no answer out, so there is no
                     // session from there; only the endpoint moved. Put it back.
@@ -530,7 +532,11 @@ impl DataPlane {
                     }
                 }
             }
+            if identity {
+                good_by_device.insert(device.device.clone(), good);
+            }
         }
+        self.last_good = good_by_device;
         report
     }
 
@@ -559,7 +565,9 @@ impl DataPlane {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "the fast path's maps cannot be pinned again"),
         }
+        // The hook is loaded again only when it is what was lost, not with every XDP/TC repair.
         if self.fast_path.identity_enabled()
+            && !self.fast_path.identity_hook_verified()
             && let Err(why) = self.fast_path.enable_identity()
         {
             tracing::error!(%why, "identity mode's hook cannot be re-attached");

@@ -791,6 +791,13 @@ impl FastPath {
         self.session_hook.is_some()
     }
 
+    /// Whether identity mode's hook is still attached and pinned as this agent left it.
+    pub fn identity_hook_verified(&self) -> bool {
+        self.session_hook
+            .as_ref()
+            .is_some_and(|held| verify_pinned(held).is_ok())
+    }
+
     /// Turns identity mode's kernel side on: checks the WireGuard module's BTF for what the
     /// session hook reads, loads the hook against the module, attaches it (fexit on
     /// `wg_index_hashtable_insert`), pins the link (it outlives the agent, like the others; an
