@@ -30,7 +30,7 @@ use wgpin_operator::{
 use wgpin_test_apiserver::{Failure, FakeApiServer};
 
 mod support;
-use support::{now, repin, setup};
+use support::{agent_reports_peers_at, now, repin, setup};
 
 /// A client whose every request first waits `delay` milliseconds: a slow API server.
 fn slow_client(server: &FakeApiServer, delay: Arc<AtomicU64>) -> Client {
@@ -57,24 +57,6 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The agent of `node` reports each peer enforced at its generation.
-async fn report(client: &Client, node: &str, peers: &[(&str, i64)]) {
-    let peers: Vec<_> = peers
-        .iter()
-        .map(|(name, generation)| json!({"name": name, "state": "Enforced", "observedGeneration": generation}))
-        .collect();
-    let report = json!({"apiVersion": "wgpin.io/v1alpha1", "kind": "PinnedNodeState", "status": {
-        "interfaces": [{"name": "gateway", "mode": "Dedicated", "peers": peers}]}});
-    Api::<PinnedNodeState>::all(client.clone())
-        .patch_status(
-            node,
-            &PatchParams::apply("wgpin-agent"),
-            &Patch::Apply(&report),
-        )
-        .await
-        .expect("agent report");
 }
 
 /// A peer's `Ready` condition status ("True", "False"), if it has one.
@@ -171,7 +153,7 @@ async fn a_slow_and_refusing_api_is_retried_with_backoff_and_statuses_never_flap
     })
     .await;
     for node in ["gw-a", "gw-b"] {
-        report(&client, node, &[("alice", 1), ("bob", 1)]).await;
+        agent_reports_peers_at(&client, node, None, &[("alice", 1), ("bob", 1)]).await;
     }
     until("both peers ready", Duration::from_secs(10), || async {
         is_ready("alice", "True").await && is_ready("bob", "True").await
@@ -234,7 +216,7 @@ async fn a_slow_and_refusing_api_is_retried_with_backoff_and_statuses_never_flap
     })
     .await;
     for node in ["gw-a", "gw-b"] {
-        report(&client, node, &[("alice", 1), ("bob", 2)]).await;
+        agent_reports_peers_at(&client, node, None, &[("alice", 1), ("bob", 2)]).await;
     }
     until("bob ready again", Duration::from_secs(30), || {
         is_ready("bob", "True")

@@ -65,13 +65,29 @@ pub async fn setup(client: &Client) {
 
 /// An agent's report for `node`: the peers it runs, at `generation` of its state.
 pub async fn agent_reports(client: &Client, node: &str, generation: i64, peers: &[&str]) {
+    let peers: Vec<(&str, i64)> = peers.iter().map(|name| (*name, 1)).collect();
+    agent_reports_peers_at(client, node, Some(generation), &peers).await;
+}
+
+/// An agent's report for `node`: each peer enforced at its PinnedPeer's generation, and the
+/// state's generation when given.
+pub async fn agent_reports_peers_at(
+    client: &Client,
+    node: &str,
+    generation: Option<i64>,
+    peers: &[(&str, i64)],
+) {
     let peers: Vec<_> = peers
         .iter()
-        .map(|name| json!({"name": name, "state": "Enforced", "observedGeneration": 1}))
+        .map(|(name, observed)| json!({"name": name, "state": "Enforced", "observedGeneration": observed}))
         .collect();
-    let report = json!({"apiVersion": "wgpin.io/v1alpha1", "kind": "PinnedNodeState", "status": {
-        "observedGeneration": generation,
-        "interfaces": [{"name": "gateway", "mode": "Dedicated", "peers": peers}]}});
+    let mut status =
+        json!({"interfaces": [{"name": "gateway", "mode": "Dedicated", "peers": peers}]});
+    if let Some(generation) = generation {
+        status["observedGeneration"] = json!(generation);
+    }
+    let report =
+        json!({"apiVersion": "wgpin.io/v1alpha1", "kind": "PinnedNodeState", "status": status});
     Api::<PinnedNodeState>::all(client.clone())
         .patch_status(
             node,
